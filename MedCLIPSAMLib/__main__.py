@@ -1,0 +1,5 @@
+import sys
+
+from MedCLIPSAMLib.cli import main
+
+sys.exit(main())
