@@ -15,6 +15,7 @@ those of the real models.
 from __future__ import annotations
 
 import json
+import logging
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +29,7 @@ __all__ = [
     "build_tiny_sam_model",
 ]
 
-# Words the tiny tokenizer knows as whole tokens; anything else falls back to single-letter word pieces.
+# Whole-word tokens of the tiny vocabulary. Other words are split into single-letter word pieces.
 TINY_VOCABULARY = (
     "a an the of in on with and or no without image scan photo slice view showing shows normal abnormal "
     "breast tumor tumour lesion mass benign malignant cyst ultrasound sonography "
@@ -60,8 +61,8 @@ def _write_tokenizer(folder: Path) -> None:
     vocab_path = folder / "vocab.txt"
     vocab_path.write_text("\n".join(tokens) + "\n", encoding="utf-8")
 
-    # NOTE: with transformers 5, a folder holding only vocab.txt and a hand-written tokenizer_config.json does not
-    # load; saving through the tokenizer classes writes a complete, loadable set of files.
+    # NOTE: with transformers 5, a folder with only vocab.txt and a hand-written tokenizer_config.json fails to
+    # load. Saving through the tokenizer classes writes a complete set of files instead.
     BertTokenizer(str(vocab_path), do_lower_case=True).save_pretrained(str(folder))
     BertTokenizerFast.from_pretrained(str(folder)).save_pretrained(str(folder))
 
@@ -83,7 +84,7 @@ def _tiny_bert_config(vocab_size: int):
 def build_tiny_biomedclip(folder: str | Path, seed: int = 0) -> Path:
     """Write a tiny BiomedCLIP-architecture model as an open_clip ``local-dir`` folder.
 
-    The folder holds ``open_clip_config.json``, ``open_clip_model.safetensors``, the tokenizer files and the text
+    The folder contains ``open_clip_config.json``, ``open_clip_model.safetensors``, the tokenizer files and the text
     encoder's ``config.json`` at its top level, like the Hugging Face hub's BiomedCLIP repository, so that
     ``open_clip.create_model_from_pretrained(f"local-dir:{folder}")`` and
     `MedCLIPSAMLib.models.load_clip` load it with no network.
@@ -130,7 +131,15 @@ def build_tiny_biomedclip(folder: str | Path, seed: int = 0) -> Path:
     (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
     torch.manual_seed(seed)
-    model = open_clip.create_model(f"local-dir:{folder}", pretrained_hf=False, load_weights=False)
+    # open_clip logs "no CLIP weights found" on the root logger here, which is expected: the weights are written
+    # below. Silence that one call so that users do not read it as a failure.
+    root_logger = logging.getLogger()
+    previous_level = root_logger.level
+    root_logger.setLevel(logging.ERROR)
+    try:
+        model = open_clip.create_model(f"local-dir:{folder}", pretrained_hf=False, load_weights=False)
+    finally:
+        root_logger.setLevel(previous_level)
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(folder / "open_clip_model.safetensors"))
     return folder

@@ -1,0 +1,1 @@
+"""The "Text prompt" Segment Editor effect (see SegmentEditorEffect.py)."""
