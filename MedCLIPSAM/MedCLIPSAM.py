@@ -1,7 +1,7 @@
 """MedCLIPSAM Slicer module: segment anatomy and pathology from a typed text prompt (BiomedCLIP + SAM, zero-shot).
 
-The Qt-free Logic lives in MedCLIPSAMModule (usable from the Python console and on slicer-core); this file contains the
-module description, the panel (Widget), the parameter node, the dependency installer and the self-test class.
+The Qt-free Logic lives in MedCLIPSAMModule, usable from the Python console and on slicer-core. This file contains
+the module description, the panel (Widget), the parameter node, the dependency installer and the self-test class.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def ensureDependencies() -> bool:
     """Install torch (through the PyTorch extension) and the Python requirements, after one confirmation.
 
     Called on the first Apply, never at import or start-up. Returns False when the user declined. On Slicer 5.12
-    and later with torch present, `slicer.packaging.pip_ensure` asks for the confirmation itself. Otherwise one
+    and later with torch present, `slicer.packaging.pip_ensure` shows the confirmation itself. Otherwise one
     dialog lists everything that is missing before anything is installed.
     """
     requirementsPath = _resourceFile("requirements.txt")

@@ -34,6 +34,7 @@ from MedCLIPSAMLib.sam import SamBoxSegmenter
 __all__ = [
     "MIN_IMAGE_SIDE",
     "SALIENCY_METHODS",
+    "SAM_DTYPES",
     "SegmentationResult",
     "VolumeResult",
     "ZeroShotConfig",
@@ -45,6 +46,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SALIENCY_METHODS = ("gscorecam", "gradcam")
+
+SAM_DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""Values of `ZeroShotConfig.sam_dtype`; "auto" follows the dtype of the CLIP model."""
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 MIN_IMAGE_SIDE = 16
 """Smallest accepted image height and width in pixels: one ViT-B/16 patch. A smaller image would fill less than one
@@ -87,6 +93,9 @@ class ZeroShotConfig:
         presence_threshold: Volumes only. A slice whose CLIP score (logit_scale x cosine similarity of the whole
             slice and the prompt) is below this value is skipped: no saliency, CRF or SAM, an all-zero mask and
             saliency, and the slice is listed in `VolumeResult.skipped_slices`. None segments every slice.
+        sam_dtype: Compute type of the SAM image encoder: "float32", "bfloat16" or "float16" (run through
+            `torch.autocast`, see `MedCLIPSAMLib.sam.SamBoxSegmenter`), or "auto" for the dtype of the CLIP model,
+            so that a CLIP model loaded in bfloat16 makes the whole pipeline run in bfloat16.
     """
 
     saliency: str = "gscorecam"
@@ -104,6 +113,7 @@ class ZeroShotConfig:
     box_margin: int = 0
     window: tuple[float, float] | None = None
     presence_threshold: float | None = None
+    sam_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -129,6 +139,8 @@ class ZeroShotConfig:
             self.window = _checked_window(self.window)
         if self.presence_threshold is not None:
             _check_float("presence_threshold", self.presence_threshold, positive=False, allow_negative=True)
+        if self.sam_dtype not in SAM_DTYPES:
+            raise InvalidInputError(f"sam_dtype must be one of {', '.join(SAM_DTYPES)}, got {self.sam_dtype!r}.")
 
     def crf_kwargs(self) -> dict:
         """Keyword arguments of `MedCLIPSAMLib.crf.crf_refine` taken from this configuration."""
@@ -361,7 +373,14 @@ class ZeroShotSegmenter:
         config.validate()
         self.clip = clip
         self.config = config
-        self.sam = SamBoxSegmenter(sam_model)
+        self.sam = SamBoxSegmenter(sam_model, encoder_dtype=self._sam_encoder_dtype())
+
+    def _sam_encoder_dtype(self) -> torch.dtype:
+        """Return the SAM image encoder's compute type from `config.sam_dtype` ("auto": the CLIP model's dtype)."""
+        if self.config.sam_dtype != "auto":
+            return _TORCH_DTYPES[self.config.sam_dtype]
+        clip_dtype = getattr(self.clip, "dtype", torch.float32)
+        return clip_dtype if clip_dtype in _TORCH_DTYPES.values() else torch.float32
 
     # -- 2D ----------------------------------------------------------------------------------------------------------
 

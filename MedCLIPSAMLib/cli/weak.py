@@ -111,7 +111,7 @@ def _add_weak_train(subparsers) -> None:
     parser.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate (default: %(default)s).")
     parser.add_argument(
         "--width", type=int, default=defaults.base_channels,
-        help="U-Net channels at full resolution (default: %(default)s; the ResUNet paper uses 64).",
+        help="U-Net channels at full resolution (default: %(default)s).",
     )
     parser.add_argument(
         "--depth", type=int, default=defaults.depth, help="U-Net downsamplings (default: %(default)s)."
@@ -262,7 +262,7 @@ def run_weak_train(args: argparse.Namespace) -> int:
     try:
         result = train_weak(
             args.images, args.masks, args.output, config, resume=args.resume,
-            progress=_progress_printer("epoch") if is_main else None,
+            progress=_progress_printer("weak-train") if is_main else None,
         )
     except InvalidInputError as error:
         print(f"{name}: error: {error}", file=sys.stderr)

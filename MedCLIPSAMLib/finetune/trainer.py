@@ -546,7 +546,6 @@ def finetune_clip(
             f"The global batch size {config.batch_size} is not divisible by the {context.world_size} processes; "
             "pick a multiple of the process count."
         )
-    _seed_everything(config.seed + context.rank)
 
     table = read_caption_csv(
         data_csv,
@@ -569,6 +568,8 @@ def finetune_clip(
         )
 
     model, bundle = load_trainable_clip(clip_id, context.device, models_dir)
+    # Seeded after loading: building an uncached model draws from the global RNG, a cached one does not.
+    _seed_everything(config.seed + context.rank)
     preprocess = build_preprocess(bundle.image_size, bundle.mean, bundle.std)
     train_set = ImageCaptionDataset(train_pairs, preprocess, bundle.tokenizer)
     validation_set = ImageCaptionDataset(validation_pairs, preprocess, bundle.tokenizer)

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["WEAK_METHOD_NAME", "WeakSegmenter", "evaluate_weak"]
 
 WEAK_METHOD_NAME = "weak supervision"
-"""Method name of the network's row in evaluation summaries (MedCLIP-SAM paper, Table 3)."""
+"""Method name of the network's rows in evaluation reports."""
 
 _MIN_IMAGE_SIDE = 2  # to_rgb_uint8 needs H, W >= 2
 _MAX_WINDOW_SAMPLES = 1 << 24  # voxels used for a volume's percentile window (regular subsample beyond)
@@ -311,10 +311,10 @@ def evaluate_weak(
     empty-vs-empty counts as 1, AUC None when the ground truth has one class only).
 
     Returns:
-        (rows, summary): rows is a list of `evaluate.EvaluationRow` (method `WEAK_METHOD_NAME`, stage
-        `evaluate.STAGE_MASK`, empty prompt), one per image, ready for `evaluate.write_rows_csv`; summary is the
+        (rows, summary). rows is a list of `evaluate.EvaluationRow`, one per image (method `WEAK_METHOD_NAME`,
+        stage `evaluate.STAGE_MASK`, empty prompt), ready for `evaluate.write_rows_csv`. summary is the
         `evaluate.SummaryRow` of those rows (iou, dice, auc: mean, std, n, 95 % interval, fractions in [0, 1]),
-        the "weak supervision" line of the MedCLIP-SAM paper's Table 3.
+        comparable with the weak-supervision results of MedCLIP-SAM (Koleilat et al., MICCAI 2024).
 
     Raises:
         InvalidInputError: a folder is missing, no image has a mask, or a mask's size differs from its image's.

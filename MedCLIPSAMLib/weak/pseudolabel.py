@@ -189,7 +189,7 @@ def pseudo_label_dataset(
 
     Returns:
         PseudoLabelSummary. Images that fail with a MedCLIPSAMError (unreadable, too small, constant) are listed
-        in `failed` and left unfinished, so a later run retries them; other errors propagate.
+        in `failed` and left unfinished, so a later run retries them. Other errors propagate.
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidInputError(f"The text prompt must be a non-empty string, got {prompt!r}.")

@@ -49,6 +49,7 @@ __all__ = [
     "WeakTrainConfig",
     "dice_bce_loss",
     "load_checkpoint",
+    "make_checkpoint",
     "model_from_checkpoint",
     "save_checkpoint",
     "split_pairs",
@@ -73,7 +74,7 @@ class WeakTrainConfig:
     epochs: int = 100
     """Maximum number of epochs (passes over the training split times `repeats`)."""
     image_size: int = 256
-    """Side of the square network input in pixels (COVID-QU-Ex images are 256 x 256)."""
+    """Side of the square network input in pixels."""
     batch_size: int = 8
     """Samples per optimizer step and rank."""
     lr: float = 1e-3
@@ -81,16 +82,15 @@ class WeakTrainConfig:
     weight_decay: float = 0.0
     """Adam L2 weight decay."""
     base_channels: int = 32
-    """U-Net width at full resolution (the ResUNet paper uses 64)."""
+    """U-Net width (channels) at full resolution."""
     depth: int = 4
-    """U-Net downsamplings (the ResUNet paper uses 3)."""
+    """Number of 2x downsamplings of the U-Net."""
     patience: int = 10
     """Stop after this many epochs without a validation Dice gain of more than `min_delta`."""
     min_delta: float = 0.0
     """Smallest validation Dice increase that counts as an improvement (Dice units, 0-1)."""
     val_fraction: float = 0.15
-    """Fraction of the pairs held out for validation (the MedCLIP-SAM data splits use 15 %); 0 validates on
-    the training pairs."""
+    """Fraction of the pairs held out for validation; 0 validates on the training pairs."""
     seed: int = 0
     """Seed of the split, the initial weights, the shuffling and the augmentation."""
     device: str = "auto"
@@ -255,7 +255,7 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path = "<checkpoint>") -
     return model.eval()
 
 
-def _make_checkpoint(
+def make_checkpoint(
     model: ResidualUNet,
     optimizer: torch.optim.Optimizer,
     config: WeakTrainConfig,
@@ -267,6 +267,7 @@ def _make_checkpoint(
     finished: bool,
     history: list[dict[str, float]],
 ) -> dict:
+    """Return the checkpoint dict that `train_weak` saves (and `load_checkpoint` reads) for a model state."""
     train_config = config.to_dict()
     train_config["augment"] = config.augment.to_dict()
     return {
@@ -458,8 +459,9 @@ def train_on_pairs(
         resume: continue from output_dir/last.pt when it exists (same architecture and image size required).
             Without it, an output folder that already contains last.pt raises InvalidInputError.
         progress: called as progress(epochs_completed, epochs, message) after each epoch (rank 0 only).
-        cancel: polled after every optimizer step when training in one process; a True return stops the run
-            after the last completed epoch (its checkpoints stay) and raises CancelledError.
+        cancel: polled after every optimizer step in a single process, and after every epoch on rank 0 of a
+            distributed run. When it returns True, training stops and raises CancelledError. The checkpoints of
+            the last completed epoch stay for a resume.
     """
     config = config or WeakTrainConfig()
     if not train_pairs:
@@ -574,7 +576,7 @@ def _train(
         if is_main:
             state = dict(epochs_completed=epoch, best_val_dice=best_val_dice, best_epoch=best_epoch,
                          epochs_without_improvement=stale_epochs, finished=out_of_patience, history=history)
-            checkpoint = _make_checkpoint(model, optimizer, config, **state)
+            checkpoint = make_checkpoint(model, optimizer, config, **state)
             if improved:
                 save_checkpoint(output_dir / BEST_CHECKPOINT, checkpoint)
             save_checkpoint(output_dir / LAST_CHECKPOINT, checkpoint)
@@ -627,13 +629,13 @@ def train_weak(
 ) -> TrainResult:
     """Train the residual U-Net on the images of a folder and their (pseudo-)masks.
 
-    Pairs images and masks by name (`pair_image_mask_files`), holds out a seeded validation split of
-    `config.val_fraction`, trains with Adam on Dice + BCE with augmentation, keeps the checkpoint of the best
-    validation Dice (threshold `config.threshold`) and stops after `config.patience` epochs without
-    improvement, after `config.epochs`, or after the epoch that passes `config.max_seconds`.
+    Images and masks are paired by name (`pair_image_mask_files`), and a seeded `config.val_fraction` of the
+    pairs is held out for validation. Training uses Adam on Dice + BCE with augmentation and keeps the
+    checkpoint of the best validation Dice (threshold `config.threshold`). It stops after `config.patience`
+    epochs without improvement, after `config.epochs`, or after the epoch that passes `config.max_seconds`.
 
-    Returns a TrainResult; best.pt is the checkpoint to use for prediction. Raises InvalidInputError for bad
-    folders or settings and CancelledError when `cancel` returned True.
+    Returns a TrainResult, whose best.pt is the checkpoint to use for prediction. Raises InvalidInputError for
+    invalid folders or settings and CancelledError when `cancel` returned True.
     """
     config = config or WeakTrainConfig()
     pairs = pair_image_mask_files(images_dir, masks_dir)

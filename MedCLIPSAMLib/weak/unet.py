@@ -1,4 +1,5 @@
-"""Deep residual U-Net for binary segmentation (ResUNet, Zhang, Liu and Wang, IEEE GRSL 15(5), 2018).
+"""Deep residual U-Net for binary segmentation (ResUNet: Zhang, Liu and Wang, "Road Extraction by
+Deep Residual U-Net", IEEE Geoscience and Remote Sensing Letters, 2018).
 
 The network follows the paper's layout at a configurable width and depth:
 
@@ -11,8 +12,7 @@ The network follows the paper's layout at a configurable width and depth:
 
 Every residual unit is pre-activation (BN-ReLU-conv3x3, BN-ReLU-conv3x3) with an identity shortcut, or a 1x1
 convolution plus BN when the channel count or the stride changes. Channels double at each halving: level ``i``
-has ``base_channels * 2**i`` channels, the bridge ``base_channels * 2**depth``. The paper's configuration is
-``base_channels=64, depth=3``.
+has ``base_channels * 2**i`` channels, the bridge ``base_channels * 2**depth``.
 """
 
 from __future__ import annotations
@@ -80,8 +80,7 @@ class ResidualUNet(nn.Module):
         in_channels: image channels (1 for the grayscale input that `MedCLIPSAMLib.weak.data` prepares).
         out_channels: logit channels (1 for binary segmentation).
         base_channels: width of the full-resolution level; level ``i`` has ``base_channels * 2**i`` channels.
-            The paper uses 64; 8-16 is enough for lung masks at 128-256 pixels.
-        depth: number of 2x downsamplings (encoder levels plus bridge), 1 to 8. The paper uses 3.
+        depth: number of 2x downsamplings (encoder levels plus bridge), 1 to 8.
         upsample: decoder interpolation, one of `UPSAMPLE_MODES`.
 
     Any input size works: `forward` pads H and W up to a multiple of ``2**depth`` (replicating the border

@@ -1,7 +1,7 @@
 """Fixtures of the Logic tests: a real MRML scene from the slicer-core wheel (no Qt, no Slicer application).
 
-The scene gets the application logic, colour logic and Segmentations module logic that Slicer registers at start-up;
-without them binary labelmaps and .seg.nrrd storage do not work.
+The scene gets the application logic, colour logic and Segmentations module logic that Slicer registers at start-up,
+because binary labelmaps and .seg.nrrd storage do not work without them.
 """
 
 from __future__ import annotations

@@ -228,3 +228,28 @@ def test_replaced_segment_keeps_position_and_color(prepared, threshold_segmenter
 
     assert segmentation.GetSegmentIndex(second.segmentId) == index
     assert segmentation.GetSegment(second.segmentId).GetColor() == pytest.approx((0.1, 0.2, 0.3))
+
+
+def test_rerun_on_shared_layer_keeps_neighbour(scene, threshold_segmenter):
+    volume = _volume()
+    input_node = mrml.addScalarVolumeFromArray(scene, volume, IJK_TO_RAS, "input")
+    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "shared")
+    segmentation_node.CreateDefaultDisplayNodes()
+    neighbour = np.zeros(volume.shape, dtype=np.uint8)
+    neighbour[0:2, 0:4, 0:4] = 1
+    old_tumor = np.zeros(volume.shape, dtype=np.uint8)
+    old_tumor[6:8, 10:14, 10:14] = 1
+    neighbour_id = mrml.writeSegmentFromMask(segmentation_node, neighbour, IJK_TO_RAS, "neighbour")
+    tumor_id = mrml.writeSegmentFromMask(segmentation_node, old_tumor, IJK_TO_RAS, "tumor")
+    segmentation = segmentation_node.GetSegmentation()
+    segmentation.CollapseBinaryLabelmaps(False)
+    assert segmentation.GetNumberOfLayers() == 1
+    logic = MedCLIPSAMLogic(scene)
+    logic.setSegmenter(threshold_segmenter)
+
+    outcome = logic.segmentVolume(input_node, "tumor", segmentationNode=segmentation_node)
+
+    assert outcome.segmentId == tumor_id
+    assert np.array_equal(mrml.segmentMaskArray(segmentation_node, neighbour_id, input_node), neighbour)
+    written = mrml.segmentMaskArray(segmentation_node, tumor_id, input_node)
+    assert np.array_equal(written, (volume > 0.5).astype(np.uint8))

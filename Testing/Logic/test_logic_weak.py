@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from MedCLIPSAMLib.weak.predict import WeakSegmenter
-from MedCLIPSAMLib.weak.train import WeakTrainConfig, _make_checkpoint, save_checkpoint
+from MedCLIPSAMLib.weak.train import WeakTrainConfig, make_checkpoint, save_checkpoint
 from MedCLIPSAMLib.weak.unet import ResidualUNet
 from MedCLIPSAMModule import mrml
 from MedCLIPSAMModule.logic import MedCLIPSAMLogic, SegmenterSettings
@@ -20,7 +20,7 @@ def weak_checkpoint(tmp_path_factory):
     config = WeakTrainConfig(image_size=32, base_channels=4, depth=2, device="cpu")
     model = ResidualUNet(base_channels=config.base_channels, depth=config.depth).eval()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    checkpoint = _make_checkpoint(
+    checkpoint = make_checkpoint(
         model, optimizer, config, epochs_completed=1, best_val_dice=0.5, best_epoch=1,
         epochs_without_improvement=0, finished=True, history=[],
     )

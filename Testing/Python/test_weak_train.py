@@ -38,9 +38,9 @@ BUNDLED_TEST_IMAGE = "pneumocystis-pneumonia-2-PA.png"
 def _degrade(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Return a corrupted copy of a ground-truth mask, a stand-in for zero-shot pseudo-masks.
 
-    The errors differ from image to image and have no preferred direction (erosion or dilation, a shift in a
-    random direction, holes inside and blobs outside), like the errors of a zero-shot method that a network
-    trained on many such masks can average out.
+    The errors differ from image to image: erosion or dilation, a shift in a random direction, holes inside and
+    blobs outside. A network trained on several such masks can average out errors that do not repeat across
+    images, and the learning test checks that it does.
     """
     height, width = mask.shape
     side = min(height, width)
@@ -114,7 +114,7 @@ def test_weak_training_beats_degraded_masks(shared_data, tmp_path):
     The full shared set (17 pairs) holds out its first third. The bundled set (3 pairs) holds out
     `BUNDLED_TEST_IMAGE`: another of its images shows opacified lungs unlike the other two, and two training
     images cannot teach that appearance.
-    Training runs in chunks of epochs (each a resume of the previous one) until the criterion holds or the
+    Training runs in chunks of epochs (each a resume of the previous one) until the criterion is met or the
     epoch or time cap is reached.
     """
     torch.manual_seed(0)

@@ -1,0 +1,588 @@
+"""Time the zero-shot pipeline per stage on real-size architectures with random weights.
+
+Usage (from the repository root):
+
+    PYTHONPATH=. python bench/bench_pipeline.py            # full run, appends to docs/benchmarks.md
+    PYTHONPATH=. python bench/bench_pipeline.py --quick    # smaller settings to check the script
+
+Models: BiomedCLIP's architecture (timm ViT-B/16 image tower, BERT-base text tower, 512-d joint space, 256-token
+context) and SAM ViT-B, both with seeded random weights written once into a cache folder (see
+`real_size_models`). Every matrix product has the size of the pre-trained models, so the seconds are those of the
+real models; masks, box counts and CLIP scores are not.
+
+What one run measures, side by side on the same machine and image:
+
+* the matrix-product rate of the machine (``torch.mm``) in float32 and bfloat16;
+* gScoreCAM with one masked forward per call against batched forwards, in float32 and bfloat16;
+* a plain implementation of the 2D pipeline (float32, one masked forward at a time, the prompt encoded per call,
+  and the SAM image embedding computed once per box) against the library's pipeline in float32 and in bfloat16;
+* the compute floor: the FLOPs of the bfloat16 pipeline (counted with `torch.utils.flop_counter.FlopCounterMode`
+  on the real calls) divided by the measured matrix-product rate;
+* fidelity of bfloat16 against float32: Dice of the masks, Pearson correlation of the saliency maps;
+* a volume of 40 slices, where a presence rule (a CLIP-score threshold) lets 10 slices through, against running
+  every slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+if str(REPOSITORY_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPOSITORY_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from real_size_models import build_random_biomedclip, build_random_sam_checkpoint  # noqa: E402
+
+from MedCLIPSAMLib import imaging, saliency  # noqa: E402
+from MedCLIPSAMLib.boxes import boxes_from_mask  # noqa: E402
+from MedCLIPSAMLib.crf import crf_refine  # noqa: E402
+from MedCLIPSAMLib.io import read_image, read_volume  # noqa: E402
+from MedCLIPSAMLib.metrics import dice  # noqa: E402
+from MedCLIPSAMLib.models import load_clip, load_sam  # noqa: E402
+from MedCLIPSAMLib.pipeline import ZeroShotConfig, ZeroShotSegmenter, extract_slice  # noqa: E402
+
+logger = logging.getLogger("bench_pipeline")
+
+PROMPT_2D = "breast tumor"
+PROMPT_VOLUME = "brain glioma"
+IMAGE_RELATIVE = Path("breast_ultrasound") / "images" / "benign (101).png"
+FIDELITY_IMAGE_RELATIVE = Path("brain_mri") / "images" / "13.png"
+VOLUME_RELATIVE = Path("volumes") / "pyradiomics_brain1" / "brain1_image.nrrd"
+
+MM_SIDE = 2048
+"""Side of the square matrices timed with torch.mm for the matrix-product rate."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Machine and helpers
+
+
+def cpu_model() -> str:
+    """Return the CPU model name from /proc/cpuinfo, or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> set[str]:
+    """Return the CPU feature flags of the first processor in /proc/cpuinfo (empty off Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def load_average() -> str:
+    """Return the 1, 5 and 15 minute load averages as text."""
+    try:
+        return " / ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def data_folder() -> Path:
+    """Return the shared data folder next to the repository, else the bundled test data."""
+    shared = REPOSITORY_ROOT.parent / "shared" / "data"
+    return shared if shared.is_dir() else REPOSITORY_ROOT / "Testing" / "Data"
+
+
+def timed(function, *args, **kwargs):
+    """Call `function` and return ``(result, seconds)``."""
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def matmul_rate(dtype: torch.dtype, side: int = MM_SIDE, repeats: int = 5) -> float:
+    """Return the best ``torch.mm`` rate over `repeats` products of two side x side matrices, in FLOP/s."""
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randn(side, side, generator=generator).to(dtype)
+    right = torch.randn(side, side, generator=generator).to(dtype)
+    torch.mm(left, right)
+    best = float("inf")
+    for _ in range(repeats):
+        _, seconds = timed(torch.mm, left, right)
+        best = min(best, seconds)
+    return 2.0 * side**3 / best
+
+
+def pearson(first: np.ndarray, second: np.ndarray) -> float:
+    """Pearson correlation of two maps over all pixels (NaN when either map is constant)."""
+    a = np.asarray(first, dtype=np.float64).ravel()
+    b = np.asarray(second, dtype=np.float64).ravel()
+    if a.std() == 0.0 or b.std() == 0.0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def count_flops(function, *args, **kwargs):
+    """Run `function` under FlopCounterMode and return ``(result, flops)``.
+
+    The CPU flash-attention kernel that timm's fused attention reaches is added to the counter's table with the
+    formula that torch uses for the other scaled-dot-product kernels, because torch 2.14 does not list it.
+    """
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_flash_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    extra = {}
+    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_flash is not None:
+        extra[cpu_flash] = cpu_flash_flops
+    counter = FlopCounterMode(display=False, custom_mapping=extra)
+    # The counter's per-module tracker installs backward hooks that make torch.autograd.grad, which gScoreCAM
+    # calls on a detached leaf, fail ("A leaf node was passed to _will_engine_execute_node"). Only the total is
+    # needed, so a tracker that files every count under "Global" replaces it. NOTE: this relies on the private
+    # attribute mod_tracker of torch 2.14's FlopCounterMode.
+    counter.mod_tracker = _GlobalOnlyTracker()
+    with counter:
+        result = function(*args, **kwargs)
+    return result, int(counter.get_total_flops())
+
+
+class _GlobalOnlyTracker:
+    """Stand-in for FlopCounterMode's module tracker that installs no hooks."""
+
+    parents = {"Global"}
+    is_bw = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args) -> None:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2D: plain implementation and library pipeline
+
+
+def plain_pipeline(clip, sam_model, image: np.ndarray, prompt: str, config: ZeroShotConfig, measured_boxes: int):
+    """Run the pipeline's steps the plain way and return ``(seconds per stage, box count, boxes timed)``.
+
+    Plain means: float32 models, one masked forward per gScoreCAM call, the prompt encoded in this call, and the
+    SAM image embedding computed again for every box. The SAM stage is timed on the first `measured_boxes` boxes
+    and scaled linearly to the box count, because each box repeats the same embedding and one-box decoding.
+    """
+    from segment_anything import SamPredictor
+
+    stages: dict[str, float] = {}
+    start = time.perf_counter()
+    rgb = imaging.to_rgb_uint8(image, window=config.window)
+    tensor, letterbox = imaging.clip_input(rgb, clip.mean, clip.std, size=clip.image_size)
+    with torch.no_grad():
+        tokens = clip.tokenizer([prompt]).to(clip.device)
+        text = torch.nn.functional.normalize(clip.model.encode_text(tokens)[0].float(), dim=0)
+    stages["prepare"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    square = saliency.gscorecam(clip, tensor, text, top_k=config.top_k, batch_size=1)
+    saliency_map = np.clip(letterbox.map_to_original(square), 0.0, 1.0).astype(np.float32)
+    saliency.clip_score(clip, tensor, text)
+    stages["saliency"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    coarse = crf_refine(rgb, saliency_map, **config.crf_kwargs())
+    stages["crf"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    boxes = boxes_from_mask(coarse, min_area=config.min_box_area, max_boxes=config.max_boxes, margin=config.box_margin)
+    stages["boxes"] = time.perf_counter() - start
+
+    timed_boxes = min(len(boxes), measured_boxes)
+    predictor = SamPredictor(sam_model)
+    start = time.perf_counter()
+    for box in boxes[:timed_boxes]:
+        predictor.set_image(rgb)
+        predictor.predict(box=np.asarray(box, dtype=np.float64), multimask_output=False)
+    per_box = (time.perf_counter() - start) / max(timed_boxes, 1)
+    stages["sam"] = per_box * len(boxes)
+    stages["total"] = sum(stages.values())
+    return stages, len(boxes), timed_boxes
+
+
+def gscorecam_sweep(clips: dict[str, object], tensor: torch.Tensor, prompt: str, top_k: int, batches: dict):
+    """Time gScoreCAM per dtype and batch size; return rows ``(dtype, batch, seconds, map)``."""
+    rows = []
+    for name, clip in clips.items():
+        text = saliency.encode_prompt(clip, prompt)
+        for batch in batches[name]:
+            result, seconds = timed(saliency.gscorecam, clip, tensor, text, top_k=top_k, batch_size=batch)
+            rows.append((name, batch, seconds, result))
+            print(f"  gScoreCAM {name} batch {batch}: {seconds:.2f} s", flush=True)
+    return rows
+
+
+def best_batch(rows, dtype_name: str) -> int:
+    """Return the batch size with the shortest gScoreCAM time for `dtype_name`."""
+    candidates = [(seconds, batch) for name, batch, seconds, _ in rows if name == dtype_name]
+    return min(candidates)[1]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Volume
+
+
+def load_benchmark_volume(path: Path, slices: int) -> np.ndarray:
+    """Read a volume and resample it linearly along axis 0 (the slice axis) to `slices` slices."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    array = sitk.GetArrayFromImage(read_volume(path)).astype(np.float32)
+    factor = slices / array.shape[0]
+    resampled = ndimage.zoom(array, (factor, 1.0, 1.0), order=1)
+    if resampled.shape[0] != slices:
+        raise RuntimeError(f"Resampling gave {resampled.shape[0]} slices instead of {slices}.")
+    return resampled
+
+
+def volume_benchmark(clip, sam_model, volume: np.ndarray, prompt: str, config: ZeroShotConfig, args) -> dict:
+    """Time a volume with the presence rule and estimate (or time) the run over every slice.
+
+    The presence threshold is calibrated on this model: the CLIP score of every slice is computed first (untimed
+    set-up), and the threshold is the `args.target_slices`-th highest score, so that exactly those slices pass.
+    """
+    window = imaging.compute_window(volume[np.isfinite(volume)])
+    scores = []
+    for index in range(volume.shape[0]):
+        rgb = imaging.to_rgb_uint8(extract_slice(volume, 0, index), window=window)
+        tensor, _ = imaging.clip_input(rgb, clip.mean, clip.std, size=clip.image_size)
+        scores.append(saliency.clip_score(clip, tensor, saliency.encode_prompt(clip, prompt)))
+    order = np.argsort(scores)[::-1]
+    threshold = float(scores[order[args.target_slices - 1]])
+    targets = sorted(int(index) for index in np.nonzero(np.asarray(scores) >= threshold)[0])
+    non_targets = [index for index in range(volume.shape[0]) if index not in targets]
+
+    def run(segment_config, array):
+        stamps = [time.perf_counter()]
+        segmenter = ZeroShotSegmenter(clip, sam_model, segment_config)
+        result = segmenter.segment_volume(array, prompt, window=window, progress=lambda *_: stamps.append(
+            time.perf_counter()))
+        return result, np.diff(stamps)
+
+    print(f"  presence rule: threshold {threshold:.4f}, {len(targets)} slices pass: {targets}", flush=True)
+    with_rule_config = ZeroShotConfig(**{**config.to_dict(), "presence_threshold": threshold, "window": None})
+    (with_rule, per_slice), with_rule_seconds = timed(run, with_rule_config, volume)
+    print(f"  volume with presence rule: {with_rule_seconds:.1f} s", flush=True)
+    target_seconds = float(sum(per_slice[index] for index in with_rule.processed_slices if index not in
+                               with_rule.skipped_slices))
+    skipped_seconds = float(sum(per_slice[index] for index in with_rule.skipped_slices))
+
+    every_config = ZeroShotConfig(**{**config.to_dict(), "presence_threshold": None, "window": None})
+    if args.every_slice:
+        (every, _), every_seconds = timed(run, every_config, volume)
+        every_kind = "measured"
+        sample = non_targets
+    else:
+        step = max(1, len(non_targets) // max(args.non_target_samples, 1))
+        sample = non_targets[::step][: args.non_target_samples]
+        (every, sample_per_slice), _ = timed(run, every_config, volume[sample])
+        every_seconds = target_seconds + float(np.mean(sample_per_slice)) * len(non_targets)
+        every_kind = f"estimated: {len(targets)} target slices measured + {len(non_targets)} x mean of {len(sample)} " \
+                     "non-target slices run in full"
+    print(f"  volume, every slice ({every_kind}): {every_seconds:.1f} s", flush=True)
+    return {
+        "slices": volume.shape[0],
+        "shape": volume.shape,
+        "threshold": threshold,
+        "score_range": (float(min(scores)), float(max(scores))),
+        "targets": targets,
+        "with_rule_seconds": with_rule_seconds,
+        "with_rule": with_rule,
+        "target_seconds": target_seconds,
+        "skipped_seconds": skipped_seconds,
+        "every_seconds": every_seconds,
+        "every_kind": every_kind,
+        "sample": sample,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def seconds_text(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def build_report(info: dict, results: dict) -> str:
+    sections = [f"## {info['date']}{' (quick)' if info['quick'] else ''}", ""]
+    sections.append(
+        f"Machine: {info['cpu']}, {info['cores']} cores visible, bfloat16 instructions "
+        f"({info['bf16_flags']}), torch {info['torch']}, {info['threads']} threads. "
+        f"Load average (1/5/15 min) before: {info['load_before']}, after: {info['load_after']}."
+    )
+    sections.append(f"Command: `{info['command']}`")
+    sections.append(
+        f"Models: BiomedCLIP architecture (ViT-B/16 + BERT-base) and SAM ViT-B, random weights. "
+        f"2D image: {info['image']} ({info['image_shape'][1]} x {info['image_shape'][0]} pixels), prompt "
+        f"\"{PROMPT_2D}\", top_k {info['top_k']}."
+    )
+    sections.append("")
+
+    rates = results["rates"]
+    sections.append("Matrix-product rate (torch.mm, 2048 x 2048, best of 5):")
+    sections.append("")
+    sections.append(markdown_table(
+        ["dtype", "GFLOP/s"],
+        [["float32", f"{rates['float32'] / 1e9:.1f}"], ["bfloat16", f"{rates['bfloat16'] / 1e9:.1f}"]],
+    ))
+    sections.append("")
+
+    sections.append(f"gScoreCAM, {info['top_k']} masked forwards plus one forward and backward pass:")
+    sections.append("")
+    sweep_rows = [[name, str(batch), seconds_text(seconds)] for name, batch, seconds, _ in results["sweep"]]
+    sections.append(markdown_table(["dtype", "batch", "seconds"], sweep_rows))
+    sections.append("")
+
+    plain, fp32, bf16 = results["plain"], results["fp32"], results["bf16"]
+    text_once = results["text_once"]
+    stage_rows = []
+    for stage in ("prepare", "saliency", "crf", "boxes", "sam"):
+        stage_rows.append([stage, seconds_text(plain[stage]), seconds_text(fp32.timings[stage]),
+                           seconds_text(bf16.timings[stage])])
+    stage_rows.append(["text encoding (once per prompt)", "in prepare", seconds_text(text_once["float32"]),
+                       seconds_text(text_once["bfloat16"])])
+    totals = {
+        "plain": plain["total"],
+        "fp32": fp32.timings["total"] + text_once["float32"],
+        "bf16": bf16.timings["total"] + text_once["bfloat16"],
+    }
+    stage_rows.append(["**total**", f"**{totals['plain']:.2f}**", f"**{totals['fp32']:.2f}**",
+                       f"**{totals['bf16']:.2f}**"])
+    stage_rows.append(["speed-up over plain", "1.0", f"{totals['plain'] / totals['fp32']:.1f}",
+                       f"{totals['plain'] / totals['bf16']:.1f}"])
+    stage_rows.append(["boxes", str(results["plain_boxes"]), str(len(fp32.boxes)), str(len(bf16.boxes))])
+    sections.append(
+        f"2D pipeline, seconds per stage. Plain: float32, batch 1, prompt encoded per call, SAM embedding per box "
+        f"(SAM stage timed on {results['plain_timed_boxes']} boxes and scaled to the box count). Library: batch "
+        f"{results['batch_fp32']} (float32) and {results['batch_bf16']} (bfloat16), one SAM embedding per image."
+    )
+    sections.append("")
+    sections.append(markdown_table(["stage", "plain float32", "library float32", "library bfloat16"], stage_rows))
+    sections.append("")
+
+    flops = results["flops"]
+    floor_bf16 = flops / rates["bfloat16"]
+    floor_fp32 = flops / rates["float32"]
+    sections.append(
+        f"Compute floor: {flops / 1e12:.2f} TFLOP counted in the bfloat16 pipeline call plus the prompt encoding "
+        f"(FlopCounterMode: matrix products, convolutions and attention). At the measured torch.mm rates this is "
+        f"{floor_bf16:.2f} s in bfloat16 and {floor_fp32:.2f} s in float32. Library bfloat16 total / bfloat16 floor: "
+        f"**{totals['bf16'] / floor_bf16:.2f}x**; library float32 total / float32 floor: "
+        f"{totals['fp32'] / floor_fp32:.2f}x."
+    )
+    sections.append("")
+
+    fidelity_rows = []
+    for name, values in results["fidelity"].items():
+        fidelity_rows.append([
+            name, f"{values['saliency_r']:.4f}", f"{values['coarse_dice']:.4f}", f"{values['mask_dice']:.4f}",
+            f"{values['boxes_fp32']} / {values['boxes_bf16']}",
+        ])
+    sections.append("Fidelity, bfloat16 pipeline against float32 (random weights):")
+    sections.append("")
+    sections.append(markdown_table(
+        ["image", "saliency Pearson r", "coarse mask Dice", "final mask Dice", "boxes float32 / bfloat16"],
+        fidelity_rows,
+    ))
+    sections.append("")
+
+    volume = results.get("volume")
+    if volume is not None:
+        rule = volume["with_rule"]
+        sections.append(
+            f"Volume: {VOLUME_RELATIVE.as_posix()} ({volume['shape'][1]} x {volume['shape'][2]}) resampled linearly "
+            f"to {volume['slices']} slices, prompt \"{PROMPT_VOLUME}\", bfloat16, batch {results['batch_bf16']}. The "
+            f"presence threshold ({volume['threshold']:.4f}; scores {volume['score_range'][0]:.4f} to "
+            f"{volume['score_range'][1]:.4f}) was set to the {len(volume['targets'])}th highest CLIP score of this "
+            f"random model, so the same {len(volume['targets'])} slices pass in every run."
+        )
+        sections.append("")
+        sections.append(markdown_table(
+            ["run", "seconds", "slices segmented", "slices skipped"],
+            [
+                ["presence rule", seconds_text(volume["with_rule_seconds"]),
+                 str(len(rule.found_slices) + len(rule.not_found_slices)), str(len(rule.skipped_slices))],
+                [f"every slice ({volume['every_kind']})", seconds_text(volume["every_seconds"]),
+                 str(volume["slices"]), "0"],
+                ["speed-up", f"{volume['every_seconds'] / volume['with_rule_seconds']:.1f}", "", ""],
+            ],
+        ))
+        sections.append("")
+        sections.append(
+            f"Of the presence-rule run, {volume['target_seconds']:.1f} s went to the {len(volume['targets'])} "
+            f"segmented slices and {volume['skipped_seconds']:.1f} s to scoring the skipped ones."
+        )
+        sections.append("")
+    return "\n".join(sections) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="Small settings (top_k 8, 8-slice volume) to test the "
+                        "script in a few minutes; numbers are not comparable with a full run.")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "medclipsam-bench",
+                        help="Folder for the random-weight model files (default: %(default)s).")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: every core this process may run on).")
+    parser.add_argument("--output", type=Path, default=REPOSITORY_ROOT / "docs" / "benchmarks.md",
+                        help="Markdown file the report is appended to (default: %(default)s).")
+    parser.add_argument("--no-append", action="store_true", help="Print the report without appending it.")
+    parser.add_argument("--no-volume", action="store_true", help="Skip the volume benchmark.")
+    parser.add_argument("--every-slice", action="store_true",
+                        help="Time the every-slice volume run in full instead of estimating it from a sample.")
+    args = parser.parse_args(argv)
+    args.top_k = 8 if args.quick else 60
+    args.slices = 8 if args.quick else 40
+    args.target_slices = 2 if args.quick else 10
+    args.non_target_samples = 1 if args.quick else 3
+    args.plain_boxes = 1 if args.quick else 2
+    args.batches = [1, 8] if args.quick else [1, 8, 30]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    flags = cpu_flags()
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "quick": args.quick,
+        "cpu": cpu_model(),
+        "cores": len(os.sched_getaffinity(0)),
+        "bf16_flags": ", ".join(sorted(flags & {"avx512_bf16", "amx_bf16"})) or "none found",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_before": load_average(),
+        "command": "python bench/bench_pipeline.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "top_k": args.top_k,
+    }
+    print(f"{info['cpu']}, {info['cores']} cores, {info['threads']} threads, load {info['load_before']}", flush=True)
+
+    results: dict = {}
+    results["rates"] = {"float32": matmul_rate(torch.float32), "bfloat16": matmul_rate(torch.bfloat16)}
+    print("  torch.mm GFLOP/s: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in results["rates"].items()), flush=True)
+
+    clip_folder = build_random_biomedclip(args.cache / "biomedclip_vit_b16_random")
+    sam_path = build_random_sam_checkpoint(args.cache / "sam_vit_b_random.pth")
+    clips = {
+        "float32": load_clip(f"local-dir:{clip_folder}", device="cpu", dtype=torch.float32),
+        "bfloat16": load_clip(f"local-dir:{clip_folder}", device="cpu", dtype=torch.bfloat16),
+    }
+    sam_model = load_sam("vit_b", checkpoint=sam_path, device="cpu")
+
+    data = data_folder()
+    image = read_image(data / IMAGE_RELATIVE)
+    info["image"] = IMAGE_RELATIVE.as_posix()
+    info["image_shape"] = image.shape
+
+    # One-time prompt encoding. Its FLOPs are counted on the volume prompt, which costs the same because the text
+    # tower always runs over the full 256-token context, so that the timed call runs without the counter.
+    _, text_flops = count_flops(saliency.encode_prompt, clips["bfloat16"], PROMPT_VOLUME)
+    results["text_once"] = {}
+    for name, clip in clips.items():
+        _, results["text_once"][name] = timed(saliency.encode_prompt, clip, PROMPT_2D)
+    print(f"  prompt encoding: {results['text_once']}", flush=True)
+
+    rgb = imaging.to_rgb_uint8(image)
+    tensor, _ = imaging.clip_input(rgb, clips["float32"].mean, clips["float32"].std, size=224)
+    batches = {"float32": [batch for batch in args.batches if batch != 1], "bfloat16": args.batches}
+    results["sweep"] = gscorecam_sweep(clips, tensor, PROMPT_2D, args.top_k, batches)
+    results["batch_fp32"] = best_batch(results["sweep"], "float32")
+    results["batch_bf16"] = best_batch(results["sweep"], "bfloat16")
+
+    config_bf16 = ZeroShotConfig(top_k=args.top_k, batch_size=results["batch_bf16"])
+    config_fp32 = ZeroShotConfig(top_k=args.top_k, batch_size=results["batch_fp32"])
+
+    # Untimed run that counts the pipeline's FLOPs. SAM runs in float32 here because FlopCounterMode decomposes
+    # SAM's einsum after autocast has cast its inputs, which fails on mixed types; the count does not depend on
+    # the type.
+    counting_config = ZeroShotConfig(top_k=args.top_k, batch_size=results["batch_bf16"], sam_dtype="float32")
+    counting_segmenter = ZeroShotSegmenter(clips["bfloat16"], sam_model, counting_config)
+    _, pipeline_flops = count_flops(counting_segmenter.segment, image, PROMPT_2D)
+    results["flops"] = pipeline_flops + text_flops
+    results["bf16"] = ZeroShotSegmenter(clips["bfloat16"], sam_model, config_bf16).segment(image, PROMPT_2D)
+    print(f"  library bfloat16: {results['bf16'].timings}", flush=True)
+    results["fp32"] = ZeroShotSegmenter(clips["float32"], sam_model, config_fp32).segment(image, PROMPT_2D)
+    print(f"  library float32: {results['fp32'].timings}", flush=True)
+    plain, box_count, timed_boxes = plain_pipeline(
+        clips["float32"], sam_model, image, PROMPT_2D, config_fp32, args.plain_boxes
+    )
+    results["plain"], results["plain_boxes"], results["plain_timed_boxes"] = plain, box_count, timed_boxes
+    results["sweep"].insert(0, ("float32", 1, plain["saliency"], None))
+    print(f"  plain float32: {plain}", flush=True)
+
+    results["fidelity"] = {}
+
+    def add_fidelity(name, fp32_result, bf16_result):
+        results["fidelity"][name] = {
+            "saliency_r": pearson(fp32_result.saliency, bf16_result.saliency),
+            "coarse_dice": dice(bf16_result.coarse_mask, fp32_result.coarse_mask),
+            "mask_dice": dice(bf16_result.mask, fp32_result.mask),
+            "boxes_fp32": len(fp32_result.boxes),
+            "boxes_bf16": len(bf16_result.boxes),
+        }
+
+    add_fidelity(IMAGE_RELATIVE.as_posix(), results["fp32"], results["bf16"])
+    if not args.quick:
+        second = read_image(data / FIDELITY_IMAGE_RELATIVE)
+        add_fidelity(
+            FIDELITY_IMAGE_RELATIVE.as_posix(),
+            ZeroShotSegmenter(clips["float32"], sam_model, config_fp32).segment(second, PROMPT_2D),
+            ZeroShotSegmenter(clips["bfloat16"], sam_model, config_bf16).segment(second, PROMPT_2D),
+        )
+    print(f"  fidelity: {results['fidelity']}", flush=True)
+
+    if not args.no_volume:
+        volume = load_benchmark_volume(data / VOLUME_RELATIVE, args.slices)
+        results["volume"] = volume_benchmark(clips["bfloat16"], sam_model, volume, PROMPT_VOLUME, config_bf16, args)
+
+    info["load_after"] = load_average()
+    report = build_report(info, results)
+    print()
+    print(report)
+    if not args.no_append:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        with args.output.open("a", encoding="utf-8") as handle:
+            handle.write("\n" + report)
+        print(f"Appended to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
