@@ -34,7 +34,7 @@ from MedCLIPSAMLib.sam import SamBoxSegmenter
 __all__ = [
     "MIN_IMAGE_SIDE",
     "SALIENCY_METHODS",
-    "SAM_DTYPES",
+    "PRECISIONS",
     "SegmentationResult",
     "VolumeResult",
     "ZeroShotConfig",
@@ -47,8 +47,8 @@ logger = logging.getLogger(__name__)
 
 SALIENCY_METHODS = ("gscorecam", "gradcam")
 
-SAM_DTYPES = ("auto", "float32", "bfloat16", "float16")
-"""Values of `ZeroShotConfig.sam_dtype`; "auto" follows the dtype of the CLIP model."""
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+"""Values of `ZeroShotConfig.precision`; "auto" follows the dtype of the CLIP model."""
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,7 +77,7 @@ class ZeroShotConfig:
     Attributes:
         saliency: Saliency method, "gscorecam" (the method) or "gradcam" (ablation baseline).
         top_k: Number of gScoreCAM channels kept by gradient importance; the paper uses 60.
-        batch_size: Masked CLIP forwards per batch in gScoreCAM.
+        batch_size: Masked CLIP forwards per batch in gScoreCAM (speed only; see `saliency.DEFAULT_BATCH_SIZE`).
         crf_tau: Temperature of the CRF unary energies (> 0).
         crf_gaussian_sxy: Spatial standard deviation of the CRF smoothness kernel, pixels.
         crf_gaussian_compat: Weight of the smoothness kernel.
@@ -93,14 +93,17 @@ class ZeroShotConfig:
         presence_threshold: Volumes only. A slice whose CLIP score (logit_scale x cosine similarity of the whole
             slice and the prompt) is below this value is skipped: no saliency, CRF or SAM, an all-zero mask and
             saliency, and the slice is listed in `VolumeResult.skipped_slices`. None segments every slice.
-        sam_dtype: Compute type of the SAM image encoder: "float32", "bfloat16" or "float16" (run through
-            `torch.autocast`, see `MedCLIPSAMLib.sam.SamBoxSegmenter`), or "auto" for the dtype of the CLIP model,
-            so that a CLIP model loaded in bfloat16 makes the whole pipeline run in bfloat16.
+        precision: Compute type of the CLIP image tower and the SAM image encoder, which do almost all of the
+            arithmetic. "float32" is exact. "bfloat16" and "float16" use `torch.autocast`: matrix products in that
+            type, weights and normalisations in float32. "auto" takes the dtype of the CLIP model, so a model loaded
+            in bfloat16 makes the whole pipeline run in bfloat16. A CLIP model converted to bfloat16 or float16
+            always computes in its own type. bfloat16 is several times faster on CPUs with bfloat16
+            instructions (AVX512_BF16, AMX) and on GPUs; its effect on the masks is measured in docs/benchmarks.md.
     """
 
     saliency: str = "gscorecam"
     top_k: int = 60
-    batch_size: int = 16
+    batch_size: int = _saliency.DEFAULT_BATCH_SIZE
     crf_tau: float = 1.05
     crf_gaussian_sxy: float = 3.0
     crf_gaussian_compat: float = 3.0
@@ -113,7 +116,7 @@ class ZeroShotConfig:
     box_margin: int = 0
     window: tuple[float, float] | None = None
     presence_threshold: float | None = None
-    sam_dtype: str = "auto"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -139,8 +142,8 @@ class ZeroShotConfig:
             self.window = _checked_window(self.window)
         if self.presence_threshold is not None:
             _check_float("presence_threshold", self.presence_threshold, positive=False, allow_negative=True)
-        if self.sam_dtype not in SAM_DTYPES:
-            raise InvalidInputError(f"sam_dtype must be one of {', '.join(SAM_DTYPES)}, got {self.sam_dtype!r}.")
+        if self.precision not in PRECISIONS:
+            raise InvalidInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
 
     def crf_kwargs(self) -> dict:
         """Keyword arguments of `MedCLIPSAMLib.crf.crf_refine` taken from this configuration."""
@@ -373,14 +376,21 @@ class ZeroShotSegmenter:
         config.validate()
         self.clip = clip
         self.config = config
-        self.sam = SamBoxSegmenter(sam_model, encoder_dtype=self._sam_encoder_dtype())
+        self.compute_dtype = self._resolve_precision()
+        self.sam = SamBoxSegmenter(sam_model, encoder_dtype=self.compute_dtype)
 
-    def _sam_encoder_dtype(self) -> torch.dtype:
-        """Return the SAM image encoder's compute type from `config.sam_dtype` ("auto": the CLIP model's dtype)."""
-        if self.config.sam_dtype != "auto":
-            return _TORCH_DTYPES[self.config.sam_dtype]
+    def _resolve_precision(self) -> torch.dtype:
+        """Return the compute type selected by `config.precision` ("auto": the CLIP model's dtype)."""
+        if self.config.precision != "auto":
+            return _TORCH_DTYPES[self.config.precision]
         clip_dtype = getattr(self.clip, "dtype", torch.float32)
         return clip_dtype if clip_dtype in _TORCH_DTYPES.values() else torch.float32
+
+    def _precision_kwargs(self) -> dict:
+        """Keyword arguments that make the saliency functions autocast a float32 CLIP model; empty otherwise."""
+        if self.compute_dtype == torch.float32 or self.clip.dtype != torch.float32:
+            return {}
+        return {"compute_dtype": self.compute_dtype}
 
     # -- 2D ----------------------------------------------------------------------------------------------------------
 
@@ -419,9 +429,14 @@ class ZeroShotSegmenter:
 
     def _saliency_224(self, tensor: torch.Tensor, text_embedding: torch.Tensor) -> np.ndarray:
         if self.config.saliency == "gradcam":
-            return _saliency.gradcam(self.clip, tensor, text_embedding)
+            return _saliency.gradcam(self.clip, tensor, text_embedding, **self._precision_kwargs())
         return _saliency.gscorecam(
-            self.clip, tensor, text_embedding, top_k=self.config.top_k, batch_size=self.config.batch_size
+            self.clip,
+            tensor,
+            text_embedding,
+            top_k=self.config.top_k,
+            batch_size=self.config.batch_size,
+            **self._precision_kwargs(),
         )
 
     def _segment_rgb(
@@ -443,7 +458,7 @@ class ZeroShotSegmenter:
         saliency_square = self._saliency_224(tensor, text_embedding)
         saliency = np.clip(np.asarray(letterbox.map_to_original(saliency_square), dtype=np.float32), 0.0, 1.0)
         if score is None:
-            score = float(_saliency.clip_score(self.clip, tensor, text_embedding))
+            score = float(_saliency.clip_score(self.clip, tensor, text_embedding, **self._precision_kwargs()))
         timer.lap("saliency")
 
         coarse_mask = np.asarray(_crf.crf_refine(rgb, saliency, **self.config.crf_kwargs()), dtype=bool)
@@ -603,7 +618,7 @@ class ZeroShotSegmenter:
             return "no contrast"
 
         tensor, letterbox = self._clip_tensor(rgb)
-        score = float(_saliency.clip_score(self.clip, tensor, text_embedding))
+        score = float(_saliency.clip_score(self.clip, tensor, text_embedding, **self._precision_kwargs()))
         result.clip_scores[index] = score
         timer.lap("prepare")
         threshold = self.config.presence_threshold

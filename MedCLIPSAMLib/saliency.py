@@ -11,6 +11,11 @@ The channel weights are a softmax over a C-vector holding those scores (0 for th
 channels by the spatial mean of the gradient. Both return ``[S, S]`` float32 maps in [0, 1] on the CLIP input grid,
 and `MedCLIPSAMLib.imaging.Letterbox.map_to_original` maps them back onto the image.
 
+``compute_dtype=torch.bfloat16`` (or float16) runs the image tower of a float32 model under `torch.autocast`: matrix
+products in that type, normalisations, softmax and the residual stream in float32 (PyTorch's autocast op lists).
+On CPUs with bfloat16 instructions this is about as fast as a model converted to bfloat16 with `load_clip(...,
+dtype=torch.bfloat16)`, and closer to float32 because only the products are rounded.
+
 The functions need only these attributes of the CLIP bundle (`MedCLIPSAMLib.models.ClipBundle`): ``model`` (open_clip
 CLIP with ``encode_image``, ``encode_text``, ``logit_scale`` and ``visual.trunk``), ``tokenizer``, ``model_id``,
 ``device`` and ``dtype``.
@@ -19,6 +24,7 @@ CLIP with ``encode_image``, ``encode_text``, ``logit_scale`` and ``visual.trunk`
 from __future__ import annotations
 
 import logging
+import contextlib
 import threading
 import warnings
 import weakref
@@ -40,11 +46,16 @@ logger = logging.getLogger(__name__)
 DEFAULT_TOP_K = 60
 """Channels kept by gScoreCAM (k = 60 in the MedCLIP-SAM experiments)."""
 
-DEFAULT_BATCH_SIZE = 16
-"""Masked inputs per forward pass in gScoreCAM. The result does not depend on it."""
+DEFAULT_BATCH_SIZE = 8
+"""Masked inputs per forward pass in gScoreCAM. The result does not depend on it. On a 2-core AVX-512 CPU, 8 was the
+fastest float32 setting for ViT-B/16 and within 5 % of the best bfloat16 one. Larger batches were slower there in
+float32 (bench/bench_pipeline.py, results in docs/benchmarks.md)."""
 
 MASK_NORMALISATION_EPS = 1e-6
 """Added to ``max - min`` when min-max normalising a channel's upsampled activation map (gScoreCAM)."""
+
+SUPPORTED_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Values of the ``compute_dtype`` argument; float32 means no autocast."""
 
 PROMPT_CACHE_SIZE = 256
 """Prompt embeddings cached per model object. Beyond this count the oldest entry is dropped."""
@@ -178,28 +189,62 @@ def _prepare_image(clip: Any, image_tensor: torch.Tensor) -> torch.Tensor:
     return image_tensor.detach().to(device=clip.device, dtype=clip.dtype)
 
 
-def _prompt_logits(model: torch.nn.Module, images: torch.Tensor, text_embedding: torch.Tensor) -> torch.Tensor:
-    """Return ``logit_scale.exp() * cos(image_embedding, text_embedding)`` per image as a float32 ``[B]`` tensor."""
-    image_embeddings = F.normalize(model.encode_image(images).float(), dim=-1)
+def _check_compute_dtype(compute_dtype: torch.dtype | None) -> None:
+    if compute_dtype is not None and compute_dtype not in SUPPORTED_COMPUTE_DTYPES:
+        raise InvalidInputError(
+            f"Unsupported compute_dtype {compute_dtype!r}: use None, torch.float32, torch.bfloat16 or torch.float16."
+        )
+
+
+def _precision(clip: Any, compute_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Return the autocast context that makes the image tower compute in `compute_dtype`, or a no-op context.
+
+    Autocast applies only to a float32 model and a reduced `compute_dtype`. A model converted to bfloat16 or float16
+    always computes in its own type.
+    """
+    _check_compute_dtype(compute_dtype)
+    if compute_dtype is None or compute_dtype == torch.float32 or clip.dtype != torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(clip.device).type, dtype=compute_dtype)
+
+
+def _prompt_logits(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    text_embedding: torch.Tensor,
+    precision: contextlib.AbstractContextManager | None = None,
+) -> torch.Tensor:
+    """Return ``logit_scale.exp() * cos(image_embedding, text_embedding)`` per image as a float32 ``[B]`` tensor.
+
+    `precision` is a context (autocast or none) entered around the image tower only.
+    """
+    with precision if precision is not None else contextlib.nullcontext():
+        features = model.encode_image(images)
+    image_embeddings = F.normalize(features.float(), dim=-1)
     scale = model.logit_scale.float().exp()
     return scale * (image_embeddings @ text_embedding)
 
 
-def clip_score(clip: Any, image_tensor: torch.Tensor, text_embedding: torch.Tensor) -> float:
+def clip_score(
+    clip: Any, image_tensor: torch.Tensor, text_embedding: torch.Tensor, *, compute_dtype: torch.dtype | None = None
+) -> float:
     """Compute the CLIP logit of one prompt for one image: ``logit_scale.exp() * cos(image, text)``.
 
     Args:
         clip: CLIP bundle.
         image_tensor: ``[1, 3, S, S]`` normalised CLIP input (`MedCLIPSAMLib.imaging.clip_input`).
         text_embedding: ``[D]`` prompt embedding (`encode_prompt`).
+        compute_dtype: None or float32 for the model's own type; bfloat16 or float16 to run a float32 image tower
+            under autocast (see the module notes).
 
     Returns:
         The logit as a Python float (BiomedCLIP's logit scale is about 100, so the range is about -100 to 100).
     """
+    precision = _precision(clip, compute_dtype)
     image = _prepare_image(clip, image_tensor)
     text = _prepare_text_embedding(clip, text_embedding)
-    with _MODEL_LOCK, _eval_mode(clip.model), torch.no_grad():
-        return float(_prompt_logits(clip.model, image, text)[0])
+    with _MODEL_LOCK, _eval_mode(clip.model), torch.inference_mode():
+        return float(_prompt_logits(clip.model, image, text, precision)[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -247,7 +292,7 @@ def _activation_maps(tokens: torch.Tensor, clip: Any) -> torch.Tensor:
 
 
 def _activations_and_gradients(
-    clip: Any, image: torch.Tensor, text: torch.Tensor
+    clip: Any, image: torch.Tensor, text: torch.Tensor, compute_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Run one forward and backward pass of the prompt logit.
 
@@ -269,7 +314,7 @@ def _activations_and_gradients(
     try:
         with torch.inference_mode(False), torch.enable_grad():
             # Cloned here so that an input made under the caller's inference mode becomes a normal tensor.
-            logit = _prompt_logits(model, image.clone(), text.clone())[0]
+            logit = _prompt_logits(model, image.clone(), text.clone(), _precision(clip, compute_dtype))[0]
             if "tokens" not in captured:
                 raise InvalidInputError(f"The target layer of model {clip.model_id} did not run in encode_image.")
             (gradient,) = torch.autograd.grad(logit, captured["tokens"], allow_unused=True)
@@ -312,6 +357,7 @@ def gscorecam(
     *,
     progress: ProgressCallback | None = None,
     cancel: CancelCallback | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> np.ndarray:
     """Compute the gScoreCAM saliency map of one prompt on the CLIP input grid.
 
@@ -324,6 +370,8 @@ def gscorecam(
         batch_size: Masked inputs per forward pass (>= 1). It changes speed and memory, not the result.
         progress: Optional ``progress(done, total, message)`` called after each batch of masked forwards.
         cancel: Optional callback polled before each batch; when it returns True, `CancelledError` is raised.
+        compute_dtype: None or float32 for the model's own type; bfloat16 or float16 to run a float32 image tower
+            under autocast (see the module notes).
 
     Returns:
         ``[S, S]`` float32 map in [0, 1] (rows, columns of the CLIP input). All zeros when the weighted sum is
@@ -336,13 +384,14 @@ def gscorecam(
         raise InvalidInputError(f"Invalid top_k={top_k!r}: use a positive number of channels (default 60).")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise InvalidInputError(f"Invalid batch_size={batch_size!r}: use a positive number of images per batch.")
+    _check_compute_dtype(compute_dtype)
     image = _prepare_image(clip, image_tensor)
     text = _prepare_text_embedding(clip, text_embedding)
     size = image.shape[-1]
     model = clip.model
 
     with _MODEL_LOCK, _eval_mode(model):
-        activations, gradients, _ = _activations_and_gradients(clip, image, text)
+        activations, gradients, _ = _activations_and_gradients(clip, image, text, compute_dtype)
         channels = activations.shape[0]
         if top_k > channels:
             warnings.warn(
@@ -364,13 +413,14 @@ def gscorecam(
 
         scores = torch.empty(int(top_k), dtype=torch.float32, device=activations.device)
         total = int(top_k)
-        with torch.no_grad():
+        # The masked forwards need only the final embeddings: no gradient, and the activation hook is already gone.
+        with torch.inference_mode():
             for start in range(0, total, int(batch_size)):
                 if cancel is not None and cancel():
                     raise CancelledError("gScoreCAM was cancelled.")
                 stop = min(start + int(batch_size), total)
                 masked = (image.float() * masks[start:stop]).to(clip.dtype)
-                scores[start:stop] = _prompt_logits(model, masked, text)
+                scores[start:stop] = _prompt_logits(model, masked, text, _precision(clip, compute_dtype))
                 if progress is not None:
                     progress(stop, total, "gScoreCAM masked forward passes")
 
@@ -382,17 +432,21 @@ def gscorecam(
     return _weighted_map(weights, activations, size)
 
 
-def gradcam(clip: Any, image_tensor: torch.Tensor, text_embedding: torch.Tensor) -> np.ndarray:
+def gradcam(
+    clip: Any, image_tensor: torch.Tensor, text_embedding: torch.Tensor, *, compute_dtype: torch.dtype | None = None
+) -> np.ndarray:
     """Compute the GradCAM saliency map of one prompt on the CLIP input grid (baseline for ablations).
 
-    Same layer and score as `gscorecam`. The channel weights are the spatial means of the gradient.
+    Same layer and score as `gscorecam`. The channel weights are the spatial means of the gradient. `compute_dtype`
+    is as in `gscorecam`.
 
     Returns:
         ``[S, S]`` float32 map in [0, 1], all zeros when the weighted sum is constant.
     """
+    _check_compute_dtype(compute_dtype)
     image = _prepare_image(clip, image_tensor)
     text = _prepare_text_embedding(clip, text_embedding)
     with _MODEL_LOCK, _eval_mode(clip.model):
-        activations, gradients, _ = _activations_and_gradients(clip, image, text)
+        activations, gradients, _ = _activations_and_gradients(clip, image, text, compute_dtype)
     weights = gradients.mean(dim=(1, 2))
     return _weighted_map(weights, activations, image.shape[-1])

@@ -2,10 +2,11 @@
 
 The benchmark times the pipeline on these so that every matrix product has the size of the pre-trained models:
 
-* `build_random_biomedclip` writes an open_clip ``local-dir`` folder of the BiomedCLIP architecture: timm
-  ``vit_base_patch16_224`` image tower (768 channels, 12 blocks, 224-pixel input), a BERT-base text tower
-  (``BertConfig`` defaults: 768 hidden, 12 layers, vocabulary of 30522 tokens) with an MLP projection, a 512-d joint
-  space and a 256-token context.
+* `build_random_biomedclip` writes an open_clip ``local-dir`` folder of the BiomedCLIP architecture. It has a timm
+  ``vit_base_patch16_224`` image tower (768 channels, 12 blocks, 224-pixel input) and a BERT-base text tower
+  (``BertConfig`` defaults: 768 hidden, 12 layers, vocabulary of 30522 tokens) with an MLP projection. The joint
+  space has 512 dimensions and the text context 256 tokens.
+  The logit scale is set to the pre-trained model's value (`BIOMEDCLIP_LOGIT_SCALE`).
 * `build_random_sam_checkpoint` writes a state-dict checkpoint of SAM ViT-B (``sam_model_registry["vit_b"]``).
 
 The weights are random (seeded), so the outputs mean nothing; the cost of every forward pass is that of the real
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -29,6 +31,11 @@ _CONTEXT_LENGTH = 256  # BiomedCLIP's text context in tokens
 _EMBED_DIM = 512  # BiomedCLIP's joint embedding size
 _BIOMEDCLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _BIOMEDCLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+BIOMEDCLIP_LOGIT_SCALE = 100.0
+"""exp(logit_scale) given to the random model: about the pre-trained BiomedCLIP's value (CLIP training caps the scale at
+100), where a fresh open_clip model starts at 1 / 0.07 = 14.3. gScoreCAM's channel weights are a softmax over logits,
+so the scale decides how far rounding errors in the embeddings move the map."""
 
 # Words kept whole in the generated vocabulary, so that the benchmark prompts tokenize to a few tokens.
 _PROMPT_WORDS = "a an the of in on with and or no image scan breast tumor lesion mass brain glioma mri".split()
@@ -100,6 +107,7 @@ def build_random_biomedclip(folder: str | Path, seed: int = 0) -> Path:
     finally:
         root_logger.setLevel(previous_level)
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    state["logit_scale"] = torch.full_like(state["logit_scale"], math.log(BIOMEDCLIP_LOGIT_SCALE))
     save_file(state, str(weights))
     return folder
 

@@ -329,6 +329,7 @@ def _progress_printer():
 def _run_zero_shot(args: argparse.Namespace, prompts: list[str], config) -> _Outcome:
     """Pair images with masks, run the pipeline and score it."""
     from MedCLIPSAMLib import evaluate as evaluation
+    from MedCLIPSAMLib import reports
 
     pairing = evaluation.pair_images_and_masks(args.images, args.masks)
     _warn_unmatched(pairing)
@@ -360,7 +361,7 @@ def _run_zero_shot(args: argparse.Namespace, prompts: list[str], config) -> _Out
     # Overlays: best, median and worst image of the first method's final masks for the first prompt.
     by_name = {pair.name: pair for pair in pairs}
     sources = []
-    for label, row in evaluation.select_examples(
+    for label, row in reports.select_examples(
         result.rows, method=args.saliency, stage=evaluation.STAGE_SAM, prompt=prompts[0]
     ):
         pair = by_name[row.image]
@@ -379,6 +380,7 @@ def _run_zero_shot(args: argparse.Namespace, prompts: list[str], config) -> _Out
 def _run_predictions(args: argparse.Namespace) -> _Outcome:
     """Pair existing predictions with masks (and score maps) and score them."""
     from MedCLIPSAMLib import evaluate as evaluation
+    from MedCLIPSAMLib import reports
 
     cases, pairing = evaluation.prediction_cases_from_dirs(args.predictions, args.masks, args.scores)
     _warn_unmatched(pairing)
@@ -395,7 +397,7 @@ def _run_predictions(args: argparse.Namespace) -> _Outcome:
                 images_by_key[mask.name] = pair.image
     by_name = {case.image: case for case in cases}
     sources = []
-    for label, row in evaluation.select_examples(rows):
+    for label, row in reports.select_examples(rows):
         case = by_name[row.image]
         image_path = images_by_key.get(Path(case.y[0]).name) if images_by_key else None
         sources.append((label, row, case.y, case.y_pred, image_path))
@@ -409,12 +411,13 @@ def _run_predictions(args: argparse.Namespace) -> _Outcome:
 def _write_reports(args: argparse.Namespace, outcome: _Outcome) -> Path:
     """Write the CSV files, summary.md, box plots and overlay grid; return the path of summary.md."""
     from MedCLIPSAMLib import evaluate as evaluation
+    from MedCLIPSAMLib import reports
 
     output = args.output
-    evaluation.write_rows_csv(output / "per_image.csv", outcome.rows)
+    reports.write_rows_csv(output / "per_image.csv", outcome.rows)
     if outcome.sensitivity:
-        evaluation.write_prompt_sensitivity_csv(output / "prompt_sensitivity.csv", outcome.sensitivity)
-    summary = evaluation.write_summary_markdown(
+        reports.write_prompt_sensitivity_csv(output / "prompt_sensitivity.csv", outcome.sensitivity)
+    summary = reports.write_summary_markdown(
         output / "summary.md",
         outcome.rows,
         comparisons=outcome.comparisons,
@@ -424,14 +427,14 @@ def _write_reports(args: argparse.Namespace, outcome: _Outcome) -> Path:
         title="MedCLIPSAM evaluation",
         notes=outcome.notes,
     )
-    evaluation.write_box_plots(output, outcome.rows)
+    reports.write_box_plots(output, outcome.rows)
     examples = []
     for label, row, mask_paths, prediction_path, image_path in outcome.overlay_sources:
         y = evaluation.read_ground_truth(evaluation.ImageMaskPair(Path(mask_paths[0]), tuple(map(Path, mask_paths))))
         y_pred = evaluation.read_mask(prediction_path)
-        examples.append(evaluation.load_overlay_example(label, row, y, y_pred, image_path))
+        examples.append(reports.load_overlay_example(label, row, y, y_pred, image_path))
     if examples:
-        evaluation.write_overlay_grid(output / "overlays.png", examples)
+        reports.write_overlay_grid(output / "overlays.png", examples)
     return summary
 
 
@@ -465,7 +468,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{_PROG}: error: {error}", file=sys.stderr)
         return EXIT_FAILED
 
-    from MedCLIPSAMLib.evaluate import format_summary_table
+    from MedCLIPSAMLib.reports import format_summary_table
 
     print(format_summary_table(outcome.rows))
     print(f"\nReport: {summary}")

@@ -33,6 +33,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         required=True,
         type=Path,
+        metavar="CSV",
         help="CSV with a header row, one image path (absolute or relative to the CSV's folder) and caption per row.",
     )
     data.add_argument(
@@ -71,18 +72,22 @@ def add_parser(subparsers) -> None:
         help="Fine-tune BiomedCLIP on image-caption pairs (DHN-NCE).",
         description=(
             "Fine-tune a BiomedCLIP model on the image-caption pairs of a CSV file with the DHN-NCE loss (or HN-NCE, "
-            "DCL, InfoNCE), validating on a seeded 15 %% split after every epoch. Writes OUTPUT/model (the epoch with "
-            "the lowest validation loss, an open_clip local-dir folder for `medclipsam segment --clip`), "
-            "OUTPUT/checkpoint.pt (for --resume), OUTPUT/history.csv and history.json. The learning rate is "
+            "DCL, InfoNCE), validating after every epoch on a seeded held-out split (--validation-fraction). "
+            "Writes DIR/model (the epoch with the lowest validation loss, an open_clip local-dir folder for "
+            "`medclipsam segment --clip`), DIR/checkpoint.pt (for --resume), DIR/history.csv and history.json. "
+            "The learning rate is "
             "multiplied by --lr-decay every --lr-decay-epochs epochs. Run under torchrun for multi-process training; "
             "--batch-size is then the global batch."
         ),
     )
     _add_data_arguments(parser)
-    parser.add_argument("--output", "-o", required=True, type=Path, help="Output folder; created if missing.")
     parser.add_argument(
-        "--clip", default=DEFAULT_CLIP_ID, help="Model to start from: hf-hub: id, local-dir:/path or a folder "
-        "(default: %(default)s)."
+        "--output", "-o", required=True, type=Path, metavar="DIR", help="Output folder; created if missing."
+    )
+    parser.add_argument(
+        "--clip",
+        default=DEFAULT_CLIP_ID,
+        help="Model to start from: hf-hub: id, local-dir:/path or a folder (default: %(default)s).",
     )
     parser.add_argument(
         "--models-dir", type=Path, default=None, help="Folder of downloaded weights (default: $MEDCLIPSAM_MODELS_DIR)."
@@ -129,7 +134,7 @@ def add_parser(subparsers) -> None:
     )
     training.add_argument("--resume", type=Path, default=None, help="checkpoint.pt of an earlier run to continue.")
     training.add_argument(
-        "--overwrite", action="store_true", help="Start over in an output folder that already holds a run."
+        "--overwrite", action="store_true", help="Start over in an output folder that already contains a run."
     )
     parser.set_defaults(func=run_finetune)
 
@@ -149,6 +154,7 @@ def add_parser(subparsers) -> None:
         action="append",
         required=True,
         dest="models",
+        metavar="MODEL",
         help="Model to evaluate (hf-hub: id, local-dir:/path or folder); repeat for several models.",
     )
     retrieval.add_argument(
@@ -167,8 +173,11 @@ def add_parser(subparsers) -> None:
     retrieval.add_argument("--device", default="auto", help="Torch device (default: auto).")
     retrieval.add_argument("--workers", type=int, default=0, help="Image-decoding worker processes (default: 0).")
     retrieval.add_argument(
-        "--output", "-o", type=Path, default=None, help="Also write the table to this file (.md) and the numbers "
-        "next to it (.json)."
+        "--output",
+        "-o",
+        type=Path,
+        default=None,
+        help="Also write the table to this file (.md) and the numbers next to it (.json).",
     )
     retrieval.set_defaults(func=run_retrieval)
 

@@ -1,7 +1,7 @@
 """Image-caption pairs for fine-tuning: CSV reading, caption cleaning, the seeded train/validation split, a Dataset.
 
-The CSV has one row per image with a header row. The image column holds a file path, absolute or relative to the
-CSV's folder; the caption column holds free text. Captions are cleaned as in the MedCLIP-SAM paper: special
+The CSV has one row per image with a header row. The image column contains a file path, absolute or relative to the
+CSV's folder; the caption column contains free text. Captions are cleaned as in the MedCLIP-SAM paper: special
 characters removed, whitespace collapsed and stripped, and captions shorter than 20 characters dropped.
 """
 
@@ -44,7 +44,7 @@ DEFAULT_MIN_CAPTION_LENGTH = 20
 """Captions shorter than this many characters after cleaning are dropped (MedCLIP-SAM paper)."""
 
 DEFAULT_VALIDATION_FRACTION = 0.15
-"""Share of the pairs held out for validation (the paper's 85/15 split)."""
+"""Share of the pairs held out for validation (the MedCLIP-SAM paper's 85/15 split)."""
 
 IMAGE_COLUMN_NAMES = ("image", "filename", "image_path", "path", "file", "img")
 """Header names tried, in order and case-insensitively, for the image column when none is given."""
@@ -91,7 +91,9 @@ def clean_caption(text: str) -> str:
     return _WHITESPACE.sub(" ", "".join(characters)).strip()
 
 
-def _pick_column(fieldnames: Sequence[str], requested: str | None, candidates: Sequence[str], role: str, csv_path) -> str:
+def _pick_column(
+    fieldnames: Sequence[str], requested: str | None, candidates: Sequence[str], role: str, csv_path
+) -> str:
     by_lower = {name.strip().lower(): name for name in fieldnames}
     if requested is not None:
         if requested in fieldnames:
@@ -237,7 +239,7 @@ def split_pairs(
 
 
 def fingerprint_pairs(pairs: Sequence[ImageCaptionPair]) -> str:
-    """Return a SHA-256 hex digest of the image paths and captions, to check that a resumed run sees the same data."""
+    """Return a SHA-256 hex digest of the image paths and captions, to check that a resumed run uses the same data."""
     digest = hashlib.sha256()
     for pair in pairs:
         digest.update(str(pair.image_path).encode("utf-8"))
@@ -270,7 +272,9 @@ def load_rgb_image(path: str | Path) -> Image.Image:
     return Image.fromarray(to_rgb_uint8(array))
 
 
-def build_preprocess(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable[[Image.Image], torch.Tensor]:
+def build_preprocess(
+    image_size: int, mean: Sequence[float], std: Sequence[float]
+) -> Callable[[Image.Image], torch.Tensor]:
     """Return open_clip's inference transform: bicubic resize of the short side, centre crop, tensor, normalise.
 
     This is the preprocessing that open_clip returns for BiomedCLIP. The transform maps an RGB PIL image to a

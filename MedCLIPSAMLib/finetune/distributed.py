@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DistributedContext:
-    """Where this process sits in the job: its rank, the number of processes and its device."""
+    """Position of this process in the job: its rank, the number of processes and its device."""
 
     rank: int
     world_size: int
@@ -178,7 +178,7 @@ def global_batch_loss(
         gives the single-process gradient on the concatenated batch.
 
     Raises:
-        InvalidInputError: the global batch holds fewer than 2 pairs.
+        InvalidInputError: the global batch contains fewer than 2 pairs.
     """
     if not context.is_distributed:
         return loss(image_features, text_features)

@@ -1,8 +1,8 @@
 """Contrastive image-text losses for fine-tuning BiomedCLIP: DHN-NCE, HN-NCE, DCL and InfoNCE.
 
 All four losses share one form. With L2-normalised image embeddings I and text embeddings T (both [B, D]) and a
-fixed temperature tau, the similarity logits are ``S = I @ T.T / tau`` (open_clip's ``logits_per_image``; its
-transpose is ``logits_per_text``). For one direction, query i has the positive S_ii and the negatives S_ij, j != i:
+fixed temperature tau, the similarity logits are ``S = I @ T.T / tau``. S is open_clip's ``logits_per_image``, and
+its transpose is ``logits_per_text``. For one direction, query i has the positive S_ii and the negatives S_ij, j != i:
 
     l_i = -S_ii + log( a * exp(S_ii) + sum_{j != i} W_ij * exp(S_ij) )
     W_ij = (B - 1) * exp(beta * S_ij) / sum_{k != i} exp(beta * S_ik)
@@ -135,7 +135,9 @@ def contrastive_row_losses(
         float32 or wider, the promoted dtype of `logits`.
     """
     if logits.ndim != 2 or logits.shape[1] < 2:
-        raise InvalidInputError(f"logits must be [queries, candidates] with >= 2 candidates, got {tuple(logits.shape)}.")
+        raise InvalidInputError(
+            f"logits must be [queries, candidates] with >= 2 candidates, got {tuple(logits.shape)}."
+        )
     if positive_index.shape != (logits.shape[0],):
         raise InvalidInputError(
             f"positive_index must have shape [{logits.shape[0]}], got {tuple(positive_index.shape)}."
@@ -174,7 +176,7 @@ def symmetric_row_losses(
     """Compute the per-query losses of both directions for queries drawn from a larger candidate batch.
 
     The distributed trainer calls this with its local pairs as queries and the pairs of all ranks as candidates,
-    so every query sees the negatives of the global batch.
+    so every query is scored against the negatives of the global batch.
 
     Args:
         image_features: [N, D] L2-normalised image embeddings of the queries.

@@ -1,8 +1,8 @@
 """Image-text retrieval evaluation: top-k accuracy in random batches of pairs, as in the MedCLIP-SAM paper.
 
 Protocol: all pairs are embedded once. Each run shuffles the pairs with its own seed and cuts them into
-batches of 50 (a remainder smaller than a batch is left out of that run; a set of fewer than 50 pairs is one
-batch). Inside a batch every image queries the batch's captions (image -> text) and every caption queries the
+batches of 50. A remainder smaller than a batch is left out of that run, and a set of fewer than 50 pairs is one
+batch. Inside a batch every image queries the batch's captions (image -> text) and every caption queries the
 batch's images (text -> image); a query scores a top-k hit when one of its k most similar candidates is a
 correct match. Accuracies are averaged over the queries of a run, and reported as mean and sample standard
 deviation over 5 runs.
@@ -56,7 +56,7 @@ class RetrievalResult:
     """Retrieval accuracy of one model; accuracies are fractions in [0, 1].
 
     ``mean`` and ``std`` map metric names such as ``"image_to_text_top1"`` to the mean and sample standard
-    deviation over runs; ``per_run`` holds each run's values; ``chance`` maps ``"top1"``, ``"top2"`` to the
+    deviation over runs. ``per_run`` contains each run's values. ``chance`` maps ``"top1"``, ``"top2"`` to the
     expected accuracy of a random ranking in the same batches (equal for both directions).
     """
 
@@ -201,7 +201,9 @@ def evaluate_retrieval(
     count = len(pairs)
     batch = min(batch_pairs, count)
     if count < batch_pairs:
-        logger.warning("Only %d pairs, fewer than a batch of %d: each run uses one batch of %d.", count, batch_pairs, count)
+        logger.warning(
+            "Only %d pairs, fewer than a batch of %d: each run uses one batch of %d.", count, batch_pairs, count
+        )
     batches_per_run = count // batch
 
     result = RetrievalResult(
@@ -249,10 +251,12 @@ def retrieval_table(results: Sequence[RetrievalResult]) -> str:
         cells = [f"{100 * result.mean[key]:.1f} +- {100 * result.std[key]:.1f}" for key in keys]
         lines.append(f"| {result.model_id} | " + " | ".join(cells) + " |")
     chance = results[0].chance
-    lines.append("| chance (random ranking) | " + " | ".join(f"{100 * chance[f'top{k}']:.1f}" for _ in _DIRECTIONS for k in top_k) + " |")
+    lines.append(
+        "| chance (random ranking) | "
+        + " | ".join(f"{100 * chance[f'top{k}']:.1f}" for _ in _DIRECTIONS for k in top_k)
+        + " |"
+    )
     first = results[0]
     lines.append("")
-    lines.append(
-        f"{first.pairs} pairs, batches of {first.batch_pairs}, {first.runs} runs (mean +- sample std, %)."
-    )
+    lines.append(f"{first.pairs} pairs, batches of {first.batch_pairs}, {first.runs} runs (mean +- sample std, %).")
     return "\n".join(lines)

@@ -12,13 +12,13 @@ writes to the output folder:
 * ``history.csv`` and ``history.json``: training and validation loss and learning rate per epoch;
 * ``split.json``: the CSV lines of the training and validation pairs.
 
-Learning-rate schedule: the MedCLIP-SAM paper gives "1e-6 with 50 % decay". Here that is `torch.optim.lr_scheduler.
-StepLR` with ``gamma = lr_decay = 0.5``, stepped at the end of every ``lr_decay_epochs = 1`` epochs, so epoch e
-(1-based) trains at ``lr * 0.5 ** ((e - 1) // lr_decay_epochs)``. The paper does not name the optimizer; AdamW
-without weight decay is the default here.
+Learning-rate schedule: the MedCLIP-SAM paper gives "1e-6 with 50 % decay". Here that is ``StepLR`` of
+`torch.optim.lr_scheduler` with ``gamma = lr_decay = 0.5``, stepped at the end of every ``lr_decay_epochs = 1``
+epochs, so epoch e (1-based) trains at ``lr * 0.5 ** ((e - 1) // lr_decay_epochs)``. The paper does not name the
+optimizer, so AdamW without weight decay is the default here.
 
 The batch size is the global batch: with W processes each rank takes ``batch_size / W`` pairs, and the loss of
-every rank sees the negatives of all W ranks (see `MedCLIPSAMLib.finetune.distributed`).
+every rank uses the negatives of all W ranks (see `MedCLIPSAMLib.finetune.distributed`).
 """
 
 from __future__ import annotations
@@ -97,11 +97,11 @@ class FinetuneConfig:
     beta_text_to_image: float = DEFAULT_BETA
     learning_rate: float = 1e-6
     lr_decay: float = 0.5
-    """Factor applied to the learning rate every `lr_decay_epochs` epochs (0.5: the paper's 50 % decay)."""
+    """Factor applied to the learning rate every `lr_decay_epochs` epochs (0.5: the MedCLIP-SAM paper's 50 % decay)."""
     lr_decay_epochs: int = 1
     weight_decay: float = 0.0
     epochs: int = 10
-    """Number of training epochs (the paper does not state it)."""
+    """Number of training epochs (the MedCLIP-SAM paper does not state it)."""
     batch_size: int = 64
     """Global batch size in image-caption pairs, split evenly over the processes."""
     validation_fraction: float = DEFAULT_VALIDATION_FRACTION
@@ -125,8 +125,14 @@ class FinetuneConfig:
             (self.lr_decay_epochs >= 1, f"lr_decay_epochs must be >= 1, got {self.lr_decay_epochs}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 2, f"batch size must be >= 2 (a contrastive loss needs negatives), got {self.batch_size}"),
-            (0 < self.validation_fraction < 1, f"validation_fraction must be in (0, 1), got {self.validation_fraction}"),
+            (
+                self.batch_size >= 2,
+                f"batch size must be >= 2 (a contrastive loss needs negatives), got {self.batch_size}",
+            ),
+            (
+                0 < self.validation_fraction < 1,
+                f"validation_fraction must be in (0, 1), got {self.validation_fraction}",
+            ),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
             (self.min_caption_length >= 0, f"min_caption_length must be >= 0, got {self.min_caption_length}"),
         ]
@@ -169,7 +175,7 @@ def load_trainable_clip(
 ) -> tuple[torch.nn.Module, Any]:
     """Load a CLIP model as a private, trainable copy.
 
-    The shared model that `MedCLIPSAMLib.models.load_clip` caches stays untouched (eval mode, frozen); the copy
+    The shared model that `MedCLIPSAMLib.models.load_clip` caches stays untouched (eval mode, frozen). The copy
     is in train mode with gradients on every parameter except ``logit_scale`` and ``logit_bias``, which the
     fixed-temperature losses do not use.
 
@@ -196,14 +202,14 @@ def _source_open_clip_config(model_id: str) -> dict[str, Any]:
         from huggingface_hub import hf_hub_download
 
         try:
-            path = Path(hf_hub_download(repo_id=model_id[len("hf-hub:"):], filename="open_clip_config.json"))
+            path = Path(hf_hub_download(repo_id=model_id[len("hf-hub:") :], filename="open_clip_config.json"))
         except OSError as error:
             raise WeightsError(
                 f"Cannot read open_clip_config.json of {model_id} from the Hugging Face cache ({error}); prepare "
                 "an offline copy with `medclipsam models download` and pass it with --clip local-dir:FOLDER."
             ) from error
     else:
-        folder = Path(model_id[len("local-dir:"):] if model_id.startswith("local-dir:") else model_id)
+        folder = Path(model_id[len("local-dir:") :] if model_id.startswith("local-dir:") else model_id)
         path = folder / "open_clip_config.json"
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -226,8 +232,8 @@ def save_clip_folder(
     ``medclipsam_finetune`` key, which open_clip ignores. The folder is written next to its final place and then
     swapped in, so an interrupted save leaves the previous folder intact.
 
-    NOTE: plain open_clip resolves ``hf_model_name`` as written, so after moving the folder only `load_clip`
-    (which falls back to the ``config.json`` inside the folder) still loads it; open_clip needs the path updated.
+    NOTE: plain open_clip resolves ``hf_model_name`` as written, so it stops loading a moved folder until that
+    path is updated. `load_clip` still loads it, because it falls back to the ``config.json`` inside the folder.
 
     Returns:
         The folder as an absolute path.
@@ -359,7 +365,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    """Return the RNG states as tensors and plain Python values, so that ``torch.load(weights_only=True)`` reads them."""
+    """Return the RNG states as tensors and plain values, so that ``torch.load(weights_only=True)`` reads them."""
     numpy_state = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -451,6 +457,7 @@ def _build_loaders(train_set, validation_set, config: FinetuneConfig, context: D
         drop_last=True,
     )
     samples_per_rank = len(train_sampler)
+
     if samples_per_rank < 2:
         raise InvalidInputError(
             f"{len(train_set)} training pairs give each of the {context.world_size} processes {samples_per_rank}; "
@@ -465,6 +472,7 @@ def _build_loaders(train_set, validation_set, config: FinetuneConfig, context: D
             local_batch,
             samples_per_rank,
         )
+
     pin = context.device.type == "cuda"
     train_loader = DataLoader(
         train_set,
@@ -475,6 +483,7 @@ def _build_loaders(train_set, validation_set, config: FinetuneConfig, context: D
         pin_memory=pin,
         persistent_workers=config.num_workers > 0,
     )
+
     validation_sampler = DistributedSampler(
         validation_set, num_replicas=context.world_size, rank=context.rank, shuffle=False, drop_last=False
     )
@@ -503,14 +512,14 @@ def finetune_clip(
 ) -> FinetuneResult:
     """Fine-tune a CLIP model on the image-caption pairs of a CSV file (see the module docstring for outputs).
 
-    Runs single-process, or as one rank of a torchrun job when torchrun's environment variables are set; only
+    Runs single-process, or as one rank of a torchrun job when torchrun's environment variables are set. Only
     rank 0 writes files and reports progress, and every rank returns the same result.
 
     Args:
         data_csv: CSV of image paths and captions (see `MedCLIPSAMLib.finetune.data.read_caption_csv`).
         output_dir: Output folder; created if missing.
         clip_id: Starting model: ``hf-hub:<repo>``, ``local-dir:<folder>`` or a folder; default BiomedCLIP.
-        config: Training settings; default `FinetuneConfig()` (the paper's settings).
+        config: Training settings; default `FinetuneConfig()` (the MedCLIP-SAM paper's settings).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; torchrun ranks on CUDA use GPU LOCAL_RANK.
         resume: ``checkpoint.pt`` of an earlier run on the same data and settings; training continues after
             its last completed epoch with its model, optimizer, scheduler and RNG states.
@@ -535,7 +544,7 @@ def finetune_clip(
     checkpoint_path = output_dir / CHECKPOINT_NAME
     if resume is None and checkpoint_path.exists() and not overwrite:
         raise InvalidInputError(
-            f"{output_dir} already holds a fine-tuning run ({CHECKPOINT_NAME}); resume it with --resume "
+            f"{output_dir} already contains a fine-tuning run ({CHECKPOINT_NAME}); resume it with --resume "
             f"{checkpoint_path}, choose another output folder, or pass --overwrite."
         )
     checkpoint = _load_checkpoint(Path(resume).expanduser()) if resume is not None else None
@@ -594,6 +603,13 @@ def finetune_clip(
                 f"The checkpoint {resume} was trained on other pairs than {data_csv} gives now (different CSV, "
                 "paths or cleaning); start a new run instead of resuming."
             )
+        changed = [
+            name
+            for name, value in asdict(config).items()
+            if name not in ("epochs", "num_workers") and checkpoint["config"].get(name) != value
+        ]
+        if changed and context.is_main:
+            logger.warning("Resuming with settings that differ from the checkpoint's: %s", ", ".join(changed))
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -725,7 +741,9 @@ def finetune_clip(
             partial = checkpoint_path.with_name(checkpoint_path.name + ".partial")
             torch.save(state, partial)
             os.replace(partial, checkpoint_path)
-            _write_history(output_dir, history, {**summary, "best_epoch": best_epoch, "best_validation_loss": best_loss})
+            _write_history(
+                output_dir, history, {**summary, "best_epoch": best_epoch, "best_validation_loss": best_loss}
+            )
         barrier(context)
 
     if context.is_main and start_epoch > config.epochs:

@@ -312,7 +312,7 @@ def evaluate_weak(
 
     Returns:
         (rows, summary). rows is a list of `evaluate.EvaluationRow`, one per image (method `WEAK_METHOD_NAME`,
-        stage `evaluate.STAGE_MASK`, empty prompt), ready for `evaluate.write_rows_csv`. summary is the
+        stage `evaluate.STAGE_MASK`, empty prompt), ready for `reports.write_rows_csv`. summary is the
         `evaluate.SummaryRow` of those rows (iou, dice, auc: mean, std, n, 95 % interval, fractions in [0, 1]),
         comparable with the weak-supervision results of MedCLIP-SAM (Koleilat et al., MICCAI 2024).
 

@@ -25,6 +25,10 @@ LOCAL_BATCH = 4
 CAPTIONS = ["breast ultrasound image showing a tumor", "brain mri slice showing a tumor", "chest x ray of the lungs"]
 
 
+# gloo picks its network interface from the host name unless GLOO_SOCKET_IFNAME names one: keep it on loopback.
+LOOPBACK_ENVIRONMENT = {"GLOO_SOCKET_IFNAME": "lo"} if sys.platform.startswith("linux") else {}
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -58,7 +62,11 @@ def _clip_inputs(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: parameter.grad.detach().clone() for name, parameter in model.named_parameters() if parameter.grad is not None}
+    return {
+        name: parameter.grad.detach().clone()
+        for name, parameter in model.named_parameters()
+        if parameter.grad is not None
+    }
 
 
 def _distributed_worker(rank: int, port: int, clip_dir: str, output_dir: str) -> None:
@@ -69,8 +77,11 @@ def _distributed_worker(rank: int, port: int, clip_dir: str, output_dir: str) ->
     from MedCLIPSAMLib.finetune.trainer import load_trainable_clip
 
     torch.set_num_threads(1)
+    os.environ.update(LOOPBACK_ENVIRONMENT)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
-    context = DistributedContext(rank=rank, world_size=WORLD_SIZE, local_rank=rank, device=torch.device("cpu"), backend="gloo")
+    context = DistributedContext(
+        rank=rank, world_size=WORLD_SIZE, local_rank=rank, device=torch.device("cpu"), backend="gloo"
+    )
     rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
     results = {}
 
@@ -189,6 +200,7 @@ def test_torchrun_finetune_end_to_end(shared_data, tiny_clip_id, tmp_path):
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
+        **LOOPBACK_ENVIRONMENT,
     }
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-4000:]

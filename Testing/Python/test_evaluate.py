@@ -15,6 +15,7 @@ from scipy import ndimage, stats
 from sklearn.metrics import roc_auc_score
 
 from MedCLIPSAMLib import evaluate as evaluation
+from MedCLIPSAMLib import reports
 from MedCLIPSAMLib.errors import InvalidInputError
 
 BUSI_NAMES = ("benign (101)", "benign (269)", "malignant (144)")
@@ -286,12 +287,12 @@ def _hand_rows() -> list[evaluation.EvaluationRow]:
 
 def test_csv_round_trip_keeps_values(tmp_path):
     rows = _hand_rows()
-    path = evaluation.write_rows_csv(tmp_path / "rows.csv", rows)
-    assert evaluation.read_rows_csv(path) == rows
+    path = reports.write_rows_csv(tmp_path / "rows.csv", rows)
+    assert reports.read_rows_csv(path) == rows
 
 
 def test_csv_writes_undefined_auc_as_na(tmp_path):
-    path = evaluation.write_rows_csv(tmp_path / "rows.csv", _hand_rows())
+    path = reports.write_rows_csv(tmp_path / "rows.csv", _hand_rows())
     first_data_line = path.read_text(encoding="utf-8").splitlines()[1]
     assert ",n/a," in first_data_line
 
@@ -314,7 +315,7 @@ def test_compare_methods_auc_skips_undefined_pairs():
 
 
 def test_summary_table_reports_undefined_auc_count():
-    records = _markdown_table(evaluation.format_summary_table(_hand_rows()), "method")
+    records = _markdown_table(reports.format_summary_table(_hand_rows()), "method")
     assert len(records) == 4
     assert all(record["AUC n/a"] == "1" for record in records)
 
@@ -323,11 +324,11 @@ def test_box_plots_and_overlay_grid_written(tmp_path):
     import matplotlib.pyplot as pyplot
 
     figures_before = pyplot.get_fignums()
-    paths = evaluation.write_box_plots(tmp_path, _hand_rows())
+    paths = reports.write_box_plots(tmp_path, _hand_rows())
     assert [path.name for path in paths] == ["boxplot_iou.png", "boxplot_dice.png", "boxplot_auc.png"]
     y = _reference_mask()
-    example = evaluation.OverlayExample("case", y, ndimage.binary_erosion(y))
-    grid = evaluation.write_overlay_grid(tmp_path / "grid.png", [example])
+    example = reports.OverlayExample("case", y, ndimage.binary_erosion(y))
+    grid = reports.write_overlay_grid(tmp_path / "grid.png", [example])
     assert Image.open(grid).size[0] > 100
     assert pyplot.get_fignums() == figures_before
 
@@ -337,7 +338,7 @@ def test_select_examples_best_median_worst():
         evaluation.EvaluationRow(f"{name}.png", "", "", "m", "s", dice_value, dice_value, None, True)
         for name, dice_value in (("a", 0.2), ("b", 0.9), ("c", 0.5), ("d", 0.7), ("e", 0.1))
     ]
-    picks = [(label, row.image) for label, row in evaluation.select_examples(rows)]
+    picks = [(label, row.image) for label, row in reports.select_examples(rows)]
     assert picks == [("best", "b.png"), ("median", "c.png"), ("worst", "e.png")]
 
 
@@ -378,7 +379,7 @@ def test_cli_predictions_mode_expected_dice(shared_data, tmp_path):
          "--images", str(images), "--output", str(output), "--name", "eroded"]
     )  # fmt: skip
     assert code == 0, stderr
-    rows = evaluation.read_rows_csv(output / "per_image.csv")
+    rows = reports.read_rows_csv(output / "per_image.csv")
     assert {row.image: pytest.approx(row.dice) for row in rows} == expected
     # The distance map is 0 outside the ground truth and > 0 inside it, so it separates the classes exactly.
     assert all(row.auc == pytest.approx(1.0) for row in rows)
@@ -412,7 +413,7 @@ def test_cli_predictions_without_scores_auc_na(shared_data, tmp_path):
         ["evaluate", "--predictions", str(predictions), "--masks", str(masks), "--output", str(output)]
     )
     assert code == 0, stderr
-    rows = evaluation.read_rows_csv(output / "per_image.csv")
+    rows = reports.read_rows_csv(output / "per_image.csv")
     assert all(row.auc is None for row in rows)
     assert ",n/a," in (output / "per_image.csv").read_text(encoding="utf-8")
 
@@ -482,7 +483,7 @@ def test_zero_shot_cli_writes_outputs(busi_run):
 
 
 def test_zero_shot_csv_rows_per_stage(busi_run):
-    rows = evaluation.read_rows_csv(busi_run["output"] / "per_image.csv")
+    rows = reports.read_rows_csv(busi_run["output"] / "per_image.csv")
     # 3 images x 2 prompts x 2 methods x 2 stages.
     assert len(rows) == 24
     assert {row.stage for row in rows} == {evaluation.STAGE_CRF, evaluation.STAGE_SAM}
@@ -491,7 +492,7 @@ def test_zero_shot_csv_rows_per_stage(busi_run):
 
 
 def test_zero_shot_joins_mask_1_file(busi_run):
-    rows = evaluation.read_rows_csv(busi_run["output"] / "per_image.csv")
+    rows = reports.read_rows_csv(busi_run["output"] / "per_image.csv")
     first = next(row for row in rows if row.image == f"{BUSI_NAMES[0]}.png")
     assert first.mask == f"{BUSI_NAMES[0]}_mask.png;{BUSI_NAMES[0]}_mask_1.png"
 
@@ -505,7 +506,7 @@ def test_zero_shot_reports_unmatched_files(busi_run):
 
 
 def test_zero_shot_csv_metrics_match_saved_masks(busi_run):
-    rows = evaluation.read_rows_csv(busi_run["output"] / "per_image.csv")
+    rows = reports.read_rows_csv(busi_run["output"] / "per_image.csv")
     row = next(row for row in rows if row.method == "gscorecam" and row.stage == evaluation.STAGE_SAM)
     stem = row.image[: -len(".png")]
     saved = busi_run["output"] / "masks" / "gscorecam" / "00_breast_tumor" / f"{stem}_sam.png"
@@ -524,7 +525,7 @@ def _format_percent(mean: float, std: float) -> str:
 
 
 def test_zero_shot_table_matches_csv_recomputation(busi_run):
-    rows = evaluation.read_rows_csv(busi_run["output"] / "per_image.csv")
+    rows = reports.read_rows_csv(busi_run["output"] / "per_image.csv")
     summary = (busi_run["output"] / "summary.md").read_text(encoding="utf-8")
     records = _markdown_table(summary, "method")
     assert len(records) == 8
@@ -546,7 +547,7 @@ def test_zero_shot_table_matches_csv_recomputation(busi_run):
 
 
 def test_zero_shot_ttest_matches_scipy_on_csv(busi_run):
-    rows = evaluation.read_rows_csv(busi_run["output"] / "per_image.csv")
+    rows = reports.read_rows_csv(busi_run["output"] / "per_image.csv")
     summary = (busi_run["output"] / "summary.md").read_text(encoding="utf-8")
     records = _markdown_table(summary, "metric")
     stage = evaluation.STAGE_SAM
@@ -611,7 +612,7 @@ def chest_run(shared_data, tiny_clip_id, tiny_sam_checkpoint, tmp_path_factory):
 
 
 def test_zero_shot_chest_rows_for_usable_images(chest_run):
-    rows = evaluation.read_rows_csv(chest_run["output"] / "per_image.csv")
+    rows = reports.read_rows_csv(chest_run["output"] / "per_image.csv")
     assert sorted({row.image for row in rows}) == sorted(CHEST_NAMES)
     assert len(rows) == 2 * len(CHEST_NAMES)
     assert not (chest_run["output"] / "prompt_sensitivity.csv").exists()

@@ -60,9 +60,7 @@ def _loss_by_loop(image, text, beta1: float, beta2: float, include_positive: boo
 def test_dhn_nce_matches_formula_loop(batch, beta):
     image, text = _embeddings(batch, seed=batch)
     expected = _loss_by_loop(image, text, beta, beta, include_positive=False)
-    loss = dhn_nce_loss(
-        image, text, temperature=TEMPERATURE, beta_image_to_text=beta, beta_text_to_image=beta
-    )
+    loss = dhn_nce_loss(image, text, temperature=TEMPERATURE, beta_image_to_text=beta, beta_text_to_image=beta)
     assert loss.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
 
 

@@ -61,7 +61,9 @@ def test_chance_level_with_unique_and_shared_captions():
 
 
 def _pairs(count: int) -> list[ImageCaptionPair]:
-    return [ImageCaptionPair(Path(f"/data/{index}.png"), f"caption number {index}", index + 2) for index in range(count)]
+    return [
+        ImageCaptionPair(Path(f"/data/{index}.png"), f"caption number {index}", index + 2) for index in range(count)
+    ]
 
 
 def _noisy_features(count: int, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +140,16 @@ def _caption_csv(shared_data: Path, folder: Path) -> Path:
     return folder / "pairs.csv"
 
 
+@pytest.fixture
+def single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("single_thread")
 def test_cli_retrieval_compares_models(shared_data, tiny_clip_id, tmp_path, capsys):
     from MedCLIPSAMLib.cli import main
     from MedCLIPSAMLib.tiny import build_tiny_biomedclip
