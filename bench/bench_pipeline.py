@@ -593,9 +593,15 @@ def main(argv=None) -> int:
     results["fidelity"] = {}
 
     def add_fidelity(name, fp32_result, bf16_result, fp32_sam, bf16_sam):
-        # SAM alone: the same (float32) boxes decoded from the float32 and the bfloat16 image embedding.
+        # SAM alone: the same (float32) boxes decoded from the float32 and the bfloat16 image embedding. A run
+        # whose coarse mask was empty never embedded the image, so it is embedded here.
         same_boxes = fp32_result.boxes
-        sam_dice = dice(bf16_sam.segment_boxes(same_boxes), fp32_sam.segment_boxes(same_boxes))
+        sam_dice = float("nan")
+        if len(same_boxes):
+            for sam_segmenter, result in ((fp32_sam, fp32_result), (bf16_sam, bf16_result)):
+                if sam_segmenter.image_hw is None:
+                    sam_segmenter.set_image(result.rgb)
+            sam_dice = dice(bf16_sam.segment_boxes(same_boxes), fp32_sam.segment_boxes(same_boxes))
         results["fidelity"][name] = {
             "saliency_r": pearson(fp32_result.saliency, bf16_result.saliency),
             "coarse_dice": dice(bf16_result.coarse_mask, fp32_result.coarse_mask),
