@@ -45,7 +45,7 @@ class SamBoxSegmenter:
     ``multimask_output=False`` and returns the union of the box masks (SAM logits > ``model.mask_threshold``,
     which is 0).
 
-    With ``encoder_dtype=torch.bfloat16`` (or float16) the image encoder, which holds almost all of SAM's
+    With ``encoder_dtype=torch.bfloat16`` (or float16) the image encoder, which does almost all of SAM's
     arithmetic, runs under `torch.autocast`: its matrix products run in that type while the weights stay float32.
     The embedding is converted back to float32, so the prompt encoder and mask decoder always run in float32. The
     model itself is not converted because SAM's positional encodings are float32 buffers that the prompt encoder
@@ -68,8 +68,8 @@ class SamBoxSegmenter:
             sam_model: A `segment_anything.modeling.Sam` in eval mode; its device is used for all tensors.
             max_mask_bytes: Memory bound in bytes for the float32 masks of one decoder call (see
                 `DEFAULT_MAX_MASK_BYTES`). Boxes are split into several calls only when one call would exceed it.
-            encoder_dtype: Compute type of the image encoder: float32 (exact), or bfloat16 / float16 through
-                `torch.autocast` (faster on CPUs with bfloat16 instructions and on GPUs; see the class notes).
+            encoder_dtype: Compute type of the image encoder. float32 is exact. bfloat16 and float16 run through
+                `torch.autocast`, which is faster on CPUs with bfloat16 instructions and on GPUs (see the class notes).
         """
         from segment_anything import SamPredictor
 
