@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 AXIS_CHOICES = ("axial", "coronal", "sagittal")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 SAM_TYPE_CHOICES = ("vit_b", "vit_l", "vit_h", "medsam")
+PRECISION_CHOICES = ("float32", "bfloat16")
 
 # Packages that Slicer itself ships: pip must never replace them while installing our requirements.
 _SLICER_OWNED_PACKAGES = ("numpy", "scipy", "SimpleITK", "requests", "pydicom", "torch", "torchvision")
@@ -236,6 +237,7 @@ class MedCLIPSAMParameterNode:
     crfBilateralSrgb: Annotated[float, WithinRange(1.0, 255.0)] = 5.0
     presenceThreshold: Annotated[float, WithinRange(0.0, 100.0)] = 0.0
     samType: Annotated[str, Choice(list(SAM_TYPE_CHOICES))] = "vit_b"
+    precision: Annotated[str, Choice(list(PRECISION_CHOICES))] = "float32"
     clipModelId: str = ""
     samCheckpoint: str = ""
     modelsFolder: str = ""
@@ -257,6 +259,7 @@ def settingsFromParameterNode(node: MedCLIPSAMParameterNode) -> SegmenterSetting
         crfBilateralSrgb=node.crfBilateralSrgb,
         presenceThreshold=node.presenceThreshold if node.presenceThreshold > 0 else None,
         weakModelCheckpoint=node.weakModelCheckpoint,
+        precision=node.precision,
     )
 
 

@@ -68,7 +68,10 @@ def test_bound_widgets_match_parameter_fields():
 def test_combo_box_items_match_choices():
     fields = _parameter_fields()
     widgets = _ui_widgets()
-    for widget_name, field in (("axisComboBox", "axis"), ("deviceComboBox", "device"), ("samTypeComboBox", "samType")):
+    for widget_name, field in (
+        ("axisComboBox", "axis"), ("deviceComboBox", "device"), ("samTypeComboBox", "samType"),
+        ("precisionComboBox", "precision"),
+    ):
         items = [item.find("property/string").text for item in widgets[widget_name].findall("item")]
         constant = re.search(r"Choice\(list\((\w+)\)\)", fields[field]).group(1)
         module_source = MODULE_FILE.read_text(encoding="utf-8")

@@ -171,3 +171,17 @@ def test_missing_volume_fails(model_args, tmp_path, capsys):
 
     assert code == 1
     assert "missing.nrrd" in capsys.readouterr().err
+
+
+def test_bfloat16_keeps_float32_weights(shared_data, model_args, tmp_path, capsys):
+    volume_path = shared_data / MR_VOLUME
+
+    code = main(["segment-volume", str(volume_path), "--prompt", "brain", "--output", str(tmp_path),
+                 "--slice-range", "12", "13", "--dtype", "bfloat16", "--presence-threshold", "1000", *model_args])
+
+    assert code == 0
+    report = json.loads((tmp_path / "brain1_image_brain.json").read_text())
+    assert report["precision"] == "bfloat16"
+    assert report["parameters"]["precision"] == "bfloat16"
+    assert report["skipped_slices"] == [12]
+    assert "1 skipped by the presence rule" in capsys.readouterr().out
