@@ -33,6 +33,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from MedCLIPSAMLib.cli.options import (
+    add_model_options,
+    add_pipeline_options,
+    check_threads,
+    config_from_args,
+    load_models,
+)
+
 __all__ = ["add_parser", "run"]
 
 logger = logging.getLogger(__name__)
@@ -43,30 +51,8 @@ EXIT_USAGE = 2
 
 _PROG = "medclipsam evaluate"
 
-# Command-line option -> ZeroShotConfig field, for the options forwarded to the pipeline (as in `segment`).
-_CONFIG_OPTIONS = (
-    "top_k",
-    "batch_size",
-    "crf_tau",
-    "crf_gaussian_sxy",
-    "crf_gaussian_compat",
-    "crf_bilateral_sxy",
-    "crf_bilateral_srgb",
-    "crf_bilateral_compat",
-    "crf_iterations",
-    "min_box_area",
-    "max_boxes",
-    "box_margin",
-    "window",
-)
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``evaluate`` subcommand on an argparse subparsers object."""
-    from MedCLIPSAMLib.models import DEFAULT_CLIP_ID, SAM_TYPES
-    from MedCLIPSAMLib.pipeline import SALIENCY_METHODS, ZeroShotConfig
-
-    defaults = ZeroShotConfig()
     parser = subparsers.add_parser(
         "evaluate",
         help="Score zero-shot segmentations or existing masks against ground-truth masks.",
@@ -117,86 +103,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="Also run this saliency method and add paired t-tests against --saliency (zero-shot mode).",
     )
 
-    models = parser.add_argument_group("models")
-    models.add_argument(
-        "--clip",
-        default=DEFAULT_CLIP_ID,
-        help="BiomedCLIP model: an open_clip hf-hub: id, local-dir:/path, or a folder path (default: %(default)s).",
-    )
-    models.add_argument("--sam-type", choices=SAM_TYPES, default="vit_b", help="SAM architecture (default: vit_b).")
-    models.add_argument(
-        "--sam-checkpoint", type=Path, default=None, help="SAM checkpoint file; default: the one in --models-dir."
-    )
-    models.add_argument(
-        "--models-dir",
-        type=Path,
-        default=None,
-        help="Folder of downloaded weights (default: $MEDCLIPSAM_MODELS_DIR, else ~/.cache/medclipsam).",
-    )
-    models.add_argument(
-        "--no-download", action="store_true", help="Fail instead of downloading a missing SAM checkpoint."
-    )
-    models.add_argument(
-        "--device", default="auto", help="Torch device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."
-    )
-    models.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="Floating point type of the CLIP model; SAM always runs in float32 (default: float32).",
-    )
-
-    saliency = parser.add_argument_group("saliency")
-    saliency.add_argument(
-        "--saliency", choices=SALIENCY_METHODS, default=defaults.saliency, help="Saliency method (default: gscorecam)."
-    )
-    saliency.add_argument(
-        "--top-k", type=int, default=defaults.top_k, help="gScoreCAM channels kept (default: %(default)s)."
-    )
-    saliency.add_argument(
-        "--batch-size",
-        type=int,
-        default=defaults.batch_size,
-        help="Masked CLIP forwards per batch in gScoreCAM (default: %(default)s).",
-    )
-    saliency.add_argument(
-        "--window",
-        nargs=2,
-        type=float,
-        metavar=("LOW", "HIGH"),
-        default=None,
-        help="Intensity window for images that are not 8-bit, in stored units (default: 0.5-99.5 percentiles).",
-    )
-
-    crf = parser.add_argument_group("dense CRF")
-    crf_options = (
-        ("--crf-tau", float, defaults.crf_tau, "Unary temperature"),
-        ("--crf-gaussian-sxy", float, defaults.crf_gaussian_sxy, "Smoothness kernel width in pixels"),
-        ("--crf-gaussian-compat", float, defaults.crf_gaussian_compat, "Smoothness kernel weight"),
-        ("--crf-bilateral-sxy", float, defaults.crf_bilateral_sxy, "Appearance kernel width in pixels"),
-        ("--crf-bilateral-srgb", float, defaults.crf_bilateral_srgb, "Appearance kernel colour width in 8-bit units"),
-        ("--crf-bilateral-compat", float, defaults.crf_bilateral_compat, "Appearance kernel weight"),
-        ("--crf-iterations", int, defaults.crf_iterations, "Mean-field iterations"),
-    )
-    for option, kind, default, text in crf_options:
-        crf.add_argument(option, type=kind, default=default, help=f"{text} (default: %(default)s).")
-
-    boxes = parser.add_argument_group("boxes")
-    boxes.add_argument(
-        "--min-box-area",
-        type=int,
-        default=defaults.min_box_area,
-        help="Coarse-mask components smaller than this many pixels get no box (default: %(default)s).",
-    )
-    boxes.add_argument(
-        "--max-boxes", type=int, default=None, help="Keep at most this many boxes, largest first (default: all)."
-    )
-    boxes.add_argument(
-        "--box-margin",
-        type=int,
-        default=defaults.box_margin,
-        help="Pixels added on every side of each box (default: %(default)s).",
-    )
+    add_model_options(parser)
+    add_pipeline_options(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -275,32 +183,6 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _config_from_args(args: argparse.Namespace):
-    from MedCLIPSAMLib.pipeline import ZeroShotConfig
-
-    values = {name: getattr(args, name) for name in _CONFIG_OPTIONS}
-    if values["window"] is not None:
-        values["window"] = tuple(values["window"])
-    return ZeroShotConfig(saliency=args.saliency, **values)
-
-
-def _load_models(args: argparse.Namespace):
-    import torch
-
-    from MedCLIPSAMLib.models import load_clip, load_sam
-
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    clip = load_clip(args.clip, device=args.device, dtype=dtype, models_dir=args.models_dir)
-    sam_model = load_sam(
-        args.sam_type,
-        checkpoint=args.sam_checkpoint,
-        device=args.device,
-        models_dir=args.models_dir,
-        download=not args.no_download,
-    )
-    return clip, sam_model
-
-
 def _warn_unmatched(pairing) -> None:
     for path in pairing.unmatched_images:
         print(f"{_PROG}: warning: no mask for {path.name}; it is not evaluated.", file=sys.stderr)
@@ -337,7 +219,7 @@ def _run_zero_shot(args: argparse.Namespace, prompts: list[str], config) -> _Out
     if not pairs:
         raise _UsageError(f"no image in {str(args.images)!r} has a mask in {str(args.masks)!r}.")
 
-    clip, sam_model = _load_models(args)
+    clip, sam_model = load_models(args)
     methods = [args.saliency] + ([args.compare] if args.compare else [])
     result = evaluation.evaluate_zero_shot(
         pairs,
@@ -444,7 +326,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         prompts = _check_arguments(args)
-        config = _config_from_args(args) if args.predictions is None else None
+        threads_error = check_threads(args)
+        if threads_error:
+            raise _UsageError(threads_error)
+        config = config_from_args(args) if args.predictions is None else None
     except (_UsageError, InvalidInputError) as error:
         print(f"{_PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE

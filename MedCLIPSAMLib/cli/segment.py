@@ -23,6 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from MedCLIPSAMLib.cli.options import (
+    add_model_options,
+    add_pipeline_options,
+    check_threads,
+    config_from_args,
+    load_models,
+)
+
 __all__ = ["add_parser", "run"]
 
 logger = logging.getLogger(__name__)
@@ -33,31 +41,10 @@ EXIT_USAGE = 2
 
 _DOUBLE_SUFFIXES = (".nii.gz", ".nrrd.gz", ".mha.gz")
 
-# Command-line option -> ZeroShotConfig field, for the options forwarded to the pipeline.
-_CONFIG_OPTIONS = {
-    "saliency": "saliency",
-    "top_k": "top_k",
-    "batch_size": "batch_size",
-    "crf_tau": "crf_tau",
-    "crf_gaussian_sxy": "crf_gaussian_sxy",
-    "crf_gaussian_compat": "crf_gaussian_compat",
-    "crf_bilateral_sxy": "crf_bilateral_sxy",
-    "crf_bilateral_srgb": "crf_bilateral_srgb",
-    "crf_bilateral_compat": "crf_bilateral_compat",
-    "crf_iterations": "crf_iterations",
-    "min_box_area": "min_box_area",
-    "max_boxes": "max_boxes",
-    "box_margin": "box_margin",
-    "window": "window",
-}
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``segment`` subcommand on an argparse subparsers object."""
-    from MedCLIPSAMLib.models import DEFAULT_CLIP_ID, SAM_TYPES
-    from MedCLIPSAMLib.pipeline import MIN_IMAGE_SIDE, SALIENCY_METHODS, ZeroShotConfig
+    from MedCLIPSAMLib.pipeline import MIN_IMAGE_SIDE
 
-    defaults = ZeroShotConfig()
     parser = subparsers.add_parser(
         "segment",
         help="Segment 2D images from a text prompt (zero-shot).",
@@ -74,135 +61,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--prompt", "-p", required=True, help='Text naming the target, e.g. "breast tumor".')
     parser.add_argument("--output", "-o", required=True, type=Path, help="Output folder; created if missing.")
 
-    models = parser.add_argument_group("models")
-    models.add_argument(
-        "--clip",
-        default=DEFAULT_CLIP_ID,
-        help="BiomedCLIP model: an open_clip hf-hub: id, local-dir:/path, or a folder path (default: %(default)s).",
-    )
-    models.add_argument("--sam-type", choices=SAM_TYPES, default="vit_b", help="SAM architecture (default: vit_b).")
-    models.add_argument(
-        "--sam-checkpoint", type=Path, default=None, help="SAM checkpoint file; default: the one in --models-dir."
-    )
-    models.add_argument(
-        "--models-dir",
-        type=Path,
-        default=None,
-        help="Folder of downloaded weights (default: $MEDCLIPSAM_MODELS_DIR, else ~/.cache/medclipsam).",
-    )
-    models.add_argument(
-        "--no-download", action="store_true", help="Fail instead of downloading a missing SAM checkpoint."
-    )
-    models.add_argument(
-        "--device", default="auto", help="Torch device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."
-    )
-    models.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help=(
-            "Compute type of the CLIP image tower and SAM's image encoder. bfloat16 runs their matrix products in "
-            "bfloat16 through autocast (weights, normalisations and SAM's mask decoder stay float32); it is several "
-            "times faster on CPUs with AVX512_BF16 or AMX and on GPUs (default: float32)."
-        ),
-    )
-
-    models.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads for torch; default: torch's own default, one per physical core.",
-    )
-
-    saliency = parser.add_argument_group("saliency")
-    saliency.add_argument(
-        "--saliency", choices=SALIENCY_METHODS, default=defaults.saliency, help="Saliency method (default: gscorecam)."
-    )
-    saliency.add_argument(
-        "--top-k", type=int, default=defaults.top_k, help="gScoreCAM channels kept (default: %(default)s)."
-    )
-    saliency.add_argument(
-        "--batch-size",
-        type=int,
-        default=defaults.batch_size,
-        help="Masked CLIP forwards per batch in gScoreCAM (default: %(default)s).",
-    )
-    saliency.add_argument(
-        "--window",
-        nargs=2,
-        type=float,
-        metavar=("LOW", "HIGH"),
-        default=None,
-        help="Intensity window for images that are not 8-bit, in stored units (default: 0.5-99.5 percentiles).",
-    )
-
-    crf = parser.add_argument_group("dense CRF")
-    crf.add_argument("--crf-tau", type=float, default=defaults.crf_tau, help="Unary temperature (default: %(default)s).")
-    crf.add_argument(
-        "--crf-gaussian-sxy",
-        type=float,
-        default=defaults.crf_gaussian_sxy,
-        help="Smoothness kernel width in pixels (default: %(default)s).",
-    )
-    crf.add_argument(
-        "--crf-gaussian-compat",
-        type=float,
-        default=defaults.crf_gaussian_compat,
-        help="Smoothness kernel weight (default: %(default)s).",
-    )
-    crf.add_argument(
-        "--crf-bilateral-sxy",
-        type=float,
-        default=defaults.crf_bilateral_sxy,
-        help="Appearance kernel width in pixels (default: %(default)s).",
-    )
-    crf.add_argument(
-        "--crf-bilateral-srgb",
-        type=float,
-        default=defaults.crf_bilateral_srgb,
-        help="Appearance kernel colour width in 8-bit units (default: %(default)s).",
-    )
-    crf.add_argument(
-        "--crf-bilateral-compat",
-        type=float,
-        default=defaults.crf_bilateral_compat,
-        help="Appearance kernel weight (default: %(default)s).",
-    )
-    crf.add_argument(
-        "--crf-iterations",
-        type=int,
-        default=defaults.crf_iterations,
-        help="Mean-field iterations (default: %(default)s).",
-    )
-
-    boxes = parser.add_argument_group("boxes")
-    boxes.add_argument(
-        "--min-box-area",
-        type=int,
-        default=defaults.min_box_area,
-        help="Coarse-mask components smaller than this many pixels get no box (default: %(default)s).",
-    )
-    boxes.add_argument(
-        "--max-boxes", type=int, default=None, help="Keep at most this many boxes, largest first (default: all)."
-    )
-    boxes.add_argument(
-        "--box-margin",
-        type=int,
-        default=defaults.box_margin,
-        help="Pixels added on every side of each box (default: %(default)s).",
-    )
+    add_model_options(parser)
+    add_pipeline_options(parser)
     parser.set_defaults(func=run)
     return parser
-
-
-def _config_from_args(args: argparse.Namespace):
-    from MedCLIPSAMLib.pipeline import ZeroShotConfig
-
-    values = {field: getattr(args, option) for option, field in _CONFIG_OPTIONS.items()}
-    values["precision"] = args.dtype
-    if values["window"] is not None:
-        values["window"] = tuple(values["window"])
-    return ZeroShotConfig(**values)
 
 
 def _output_stem(path: Path, used: set[str]) -> str:
@@ -220,45 +82,6 @@ def _output_stem(path: Path, used: set[str]) -> str:
         candidate = f"{stem}_{number}"
     used.add(candidate)
     return candidate
-
-
-def _download_progress():
-    """Return a progress(done, total, message) callback that shows a tqdm bar for a weights download."""
-    from tqdm import tqdm
-
-    bars: list[tqdm] = []
-
-    def progress(done: int, total: int, message: str = "") -> None:
-        if not bars:
-            description = message or "download"
-            bars.append(tqdm(total=total or None, unit="B", unit_scale=True, desc=description, file=sys.stderr))
-        bar = bars[0]
-        bar.update(max(0, done - bar.n))
-        if total and done >= total:
-            bar.close()
-
-    return progress
-
-
-def _load_models(args: argparse.Namespace):
-    import torch
-
-    from MedCLIPSAMLib.models import load_clip, load_sam
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    # The CLIP weights stay float32 for every --dtype: the pipeline autocasts them (ZeroShotConfig.precision),
-    # which is as fast as bfloat16 weights on CPU and keeps the saliency map closer to float32.
-    clip = load_clip(args.clip, device=args.device, dtype=torch.float32, models_dir=args.models_dir)
-    sam_model = load_sam(
-        args.sam_type,
-        checkpoint=args.sam_checkpoint,
-        device=args.device,
-        models_dir=args.models_dir,
-        download=not args.no_download,
-        progress=_download_progress(),
-    )
-    return clip, sam_model
 
 
 def _sam_checkpoint(args: argparse.Namespace) -> Path:
@@ -334,11 +157,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.prompt or not args.prompt.strip():
         print("medclipsam segment: error: --prompt must not be empty.", file=sys.stderr)
         return EXIT_USAGE
-    if args.threads is not None and args.threads < 1:
-        print(f"medclipsam segment: error: --threads must be at least 1, got {args.threads}.", file=sys.stderr)
+    threads_error = check_threads(args)
+    if threads_error:
+        print(f"medclipsam segment: error: {threads_error}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        config = _config_from_args(args)
+        config = config_from_args(args)
     except InvalidInputError as error:
         print(f"medclipsam segment: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -352,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     from MedCLIPSAMLib.pipeline import ZeroShotSegmenter
 
     try:
-        clip, sam_model = _load_models(args)
+        clip, sam_model = load_models(args)
     except (MedCLIPSAMError, OSError) as error:
         print(f"medclipsam segment: error: model loading failed: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -17,7 +17,6 @@ arguments.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import re
@@ -25,6 +24,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from MedCLIPSAMLib.cli.options import (
+    add_model_options,
+    add_pipeline_options,
+    check_threads,
+    config_from_args,
+    load_models,
+)
 
 __all__ = ["add_parser", "run", "safe_file_name", "segment_volume_image", "write_slicer_segmentation"]
 
@@ -166,10 +173,7 @@ def _slice_count(image, axis: str) -> int:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``segment-volume`` subcommand."""
     from MedCLIPSAMLib.geometry import ANATOMICAL_AXES
-    from MedCLIPSAMLib.models import DEFAULT_CLIP_ID, SAM_TYPES
-    from MedCLIPSAMLib.pipeline import SALIENCY_METHODS, ZeroShotConfig
 
-    defaults = ZeroShotConfig()
     parser = subparsers.add_parser(
         "segment-volume",
         help="Segment a 3D volume slice by slice from text prompts (zero-shot).",
@@ -195,82 +199,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--slice-range", nargs=2, type=int, metavar=("START", "STOP"), default=None,
         help="Process slices START to STOP-1 along the chosen axis (half-open, 0-based); default: all slices.",
     )
-    parser.add_argument(
-        "--presence-threshold", type=float, default=None,
-        help="Skip slices whose CLIP score (logit scale times cosine) is below this value (default: no skipping).",
-    )
-
-    models = parser.add_argument_group("models")
-    models.add_argument("--clip", default=DEFAULT_CLIP_ID,
-                        help="BiomedCLIP model: an open_clip hf-hub: id, local-dir:/path or a folder (default: %(default)s).")
-    models.add_argument("--sam-type", choices=SAM_TYPES, default="vit_b", help="SAM architecture (default: vit_b).")
-    models.add_argument("--sam-checkpoint", type=Path, default=None,
-                        help="SAM checkpoint file; default: the one in --models-dir.")
-    models.add_argument("--models-dir", type=Path, default=None,
-                        help="Folder of downloaded weights (default: $MEDCLIPSAM_MODELS_DIR, else ~/.cache/medclipsam).")
-    models.add_argument("--no-download", action="store_true",
-                        help="Fail instead of downloading a missing SAM checkpoint.")
-    models.add_argument("--device", default="auto",
-                        help="Torch device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps.")
-    models.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="Compute type of the CLIP image tower and SAM's image encoder; bfloat16 runs their "
-                        "matrix products through autocast while weights stay float32 (default: float32).")
-
-    pipeline = parser.add_argument_group("pipeline")
-    pipeline.add_argument("--saliency", choices=SALIENCY_METHODS, default=defaults.saliency,
-                          help="Saliency method (default: %(default)s).")
-    pipeline.add_argument("--top-k", type=int, default=defaults.top_k,
-                          help="gScoreCAM channels kept (default: %(default)s).")
-    pipeline.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                          help="Masked CLIP forwards per batch in gScoreCAM (default: %(default)s).")
-    pipeline.add_argument("--window", nargs=2, type=float, metavar=("LOW", "HIGH"), default=None,
-                          help="Intensity window in stored units, e.g. -160 240 for CT soft tissue "
-                          "(default: 0.5-99.5 percentiles of the whole volume).")
-    for name, help_text in (
-        ("tau", "Unary temperature"),
-        ("gaussian_sxy", "Smoothness kernel width in pixels"),
-        ("gaussian_compat", "Smoothness kernel weight"),
-        ("bilateral_sxy", "Appearance kernel width in pixels"),
-        ("bilateral_srgb", "Appearance kernel colour width in 8-bit units"),
-        ("bilateral_compat", "Appearance kernel weight"),
-    ):
-        default = getattr(defaults, f"crf_{name}")
-        pipeline.add_argument(f"--crf-{name.replace('_', '-')}", type=float, default=default,
-                              help=f"{help_text} of the dense CRF (default: {default}).")
-    pipeline.add_argument("--crf-iterations", type=int, default=defaults.crf_iterations,
-                          help="Mean-field iterations of the dense CRF (default: %(default)s).")
-    pipeline.add_argument("--min-box-area", type=int, default=defaults.min_box_area,
-                          help="Coarse-mask components smaller than this many pixels get no box (default: %(default)s).")
-    pipeline.add_argument("--max-boxes", type=int, default=None,
-                          help="Keep at most this many boxes per slice, largest first (default: all).")
-    pipeline.add_argument("--box-margin", type=int, default=defaults.box_margin,
-                          help="Pixels added on every side of each box (default: %(default)s).")
+    add_model_options(parser)
+    add_pipeline_options(parser, presence_threshold=True)
     parser.set_defaults(func=run)
     return parser
 
 
-def _config_from_args(args: argparse.Namespace):
-    from MedCLIPSAMLib.pipeline import ZeroShotConfig
-
-    names = {field.name for field in dataclasses.fields(ZeroShotConfig)}
-    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    if values.get("window") is not None:
-        values["window"] = tuple(values["window"])
-    values["precision"] = args.dtype
-    return ZeroShotConfig(**values)
-
-
 def _load_segmenter(args: argparse.Namespace, config):
-    import torch
-
-    from MedCLIPSAMLib.models import load_clip, load_sam
     from MedCLIPSAMLib.pipeline import ZeroShotSegmenter
 
-    # The CLIP weights stay float32 for every --dtype because the pipeline autocasts (ZeroShotConfig.precision),
-    # which keeps the saliency closer to float32 than bfloat16 weights at the same speed.
-    clip = load_clip(args.clip, device=args.device, dtype=torch.float32, models_dir=args.models_dir)
-    sam_model = load_sam(args.sam_type, checkpoint=args.sam_checkpoint, device=args.device,
-                         models_dir=args.models_dir, download=not args.no_download)
+    clip, sam_model = load_models(args)
     return ZeroShotSegmenter(clip, sam_model, config)
 
 
@@ -313,8 +251,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"medclipsam segment-volume: error: --slice-range {args.slice_range[0]} {args.slice_range[1]} must "
               "satisfy 0 <= START < STOP.", file=sys.stderr)
         return EXIT_USAGE
+    threads_error = check_threads(args)
+    if threads_error:
+        print(f"medclipsam segment-volume: error: {threads_error}", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        config = _config_from_args(args)
+        config = config_from_args(args)
     except InvalidInputError as error:
         print(f"medclipsam segment-volume: error: {error}", file=sys.stderr)
         return EXIT_USAGE
