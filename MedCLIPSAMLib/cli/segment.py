@@ -166,10 +166,19 @@ def run(args: argparse.Namespace) -> int:
     except InvalidInputError as error:
         print(f"medclipsam segment: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        args.output.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        print(f"medclipsam segment: error: cannot create output folder {args.output}: {error}", file=sys.stderr)
+
+    # Missing inputs are reported before the models load, which can take minutes or fail on its own.
+    paths = []
+    failures = 0
+    for image in args.images:
+        path = Path(image)
+        if path.is_file():
+            paths.append(path)
+        else:
+            failures += 1
+            print(f"medclipsam segment: {path}: failed: image file not found.", file=sys.stderr)
+    if not paths:
+        print(f"medclipsam segment: none of the {len(args.images)} input images exists.", file=sys.stderr)
         return EXIT_FAILED
 
     from MedCLIPSAMLib.io import read_image_with_geometry
@@ -181,10 +190,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"medclipsam segment: error: model loading failed: {error}", file=sys.stderr)
         return EXIT_FAILED
     segmenter = ZeroShotSegmenter(clip, sam_model, config)
+    try:
+        args.output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"medclipsam segment: error: cannot create output folder {args.output}: {error}", file=sys.stderr)
+        return EXIT_FAILED
 
-    failures = 0
+    found_count = 0
     used_stems: set[str] = set()
-    paths = [Path(image) for image in args.images]
     with tqdm(paths, desc="segment", unit="image", file=sys.stderr) as bar:
         for path in bar:
             stem = _output_stem(path, used_stems)
@@ -199,10 +212,14 @@ def run(args: argparse.Namespace) -> int:
                 logger.debug("Segmentation of %s failed.", path, exc_info=True)
                 bar.write(f"medclipsam segment: {path}: failed: {error}", file=sys.stderr)
                 continue
-            if not result.found:
+            if result.found:
+                found_count += 1
+            else:
                 bar.write(f"medclipsam segment: {path}: target not found; wrote an empty mask.", file=sys.stderr)
 
+    processed = len(args.images) - failures
+    print(f"{args.prompt}: found in {found_count} of {processed} images -> {args.output}")
     if failures:
-        print(f"medclipsam segment: {failures} of {len(paths)} images failed.", file=sys.stderr)
+        print(f"medclipsam segment: {failures} of {len(args.images)} images failed.", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK

@@ -283,3 +283,27 @@ def test_module_entry_point_subprocess(tmp_path, inputs, model_args):
 
     assert completed.returncode == 0, completed.stderr
     assert (output / f"{_stem(inputs['xray_jpeg'])}_mask.png").is_file()
+
+
+def test_missing_images_reported_before_loading(tmp_path, capsys):
+    # The checkpoint does not exist: reaching model loading would print "model loading failed".
+    missing = tmp_path / "missing.png"
+    output = tmp_path / "out"
+    argv = ["segment", str(missing), "--prompt", PROMPT, "--output", str(output)]
+    code = main(argv + ["--sam-type", "tiny", "--sam-checkpoint", str(tmp_path / "absent.pth")])
+    error = capsys.readouterr().err
+
+    assert code == 1
+    assert f"{missing}: failed: image file not found" in error
+    assert "model loading" not in error
+    assert not output.exists()
+
+
+def test_success_prints_summary(inputs, model_args, tmp_path, capsys):
+    output = tmp_path / "out"
+    argv = ["segment", str(inputs["brain_png"]), "--prompt", PROMPT, "--output", str(output), "--top-k", "4"]
+
+    code = main(argv + model_args)
+
+    assert code == 0
+    assert f"{PROMPT}: found in" in capsys.readouterr().out
