@@ -729,7 +729,7 @@ def evaluate_zero_shot(
         cancel: polled before each segmentation; returning True raises CancelledError.
 
     Raises:
-        InvalidInputError: invalid prompts or methods; with skip_failed False also an unreadable file, an image
+        InvalidInputError: invalid prompts or methods. With skip_failed False, also an unreadable file, an image
             whose size differs from its ground truth or an image the pipeline rejects.
         CancelledError: when `cancel` returns True.
     """

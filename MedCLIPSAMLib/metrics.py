@@ -8,7 +8,7 @@ Conventions, shared by every function here:
   exactly one of them empty -> IoU = Dice = 0.
 * Pixel AUC is the area under the ROC curve of a continuous map (saliency, probability) against the ground truth,
   computed from ranks (Mann-Whitney U, ties counted as one half). It is undefined when the ground truth contains one
-  class only; the functions then return None, which reports show as "n/a" (never as 0 or 1).
+  class only. The functions then return None, which reports show as "n/a" rather than 0 or 1.
 * Spread over images is the sample standard deviation (ddof = 1), and confidence intervals use the t distribution
   with n - 1 degrees of freedom.
 

@@ -57,8 +57,8 @@ SAM_TYPES = ("vit_b", "vit_l", "vit_h", "medsam", "tiny")
 TINY_CLIP_ID = "tiny"
 """CLIP id of the tiny random-weight test model, built on first use in ``<models_dir>/tiny-biomedclip``.
 
-It and SAM type ``tiny`` without a checkpoint let the whole pipeline run with no download (smoke tests, the Slicer
-self-test); their masks and saliency maps mean nothing medically.
+Together with SAM type ``tiny`` without a checkpoint, it lets the whole pipeline run with no download, for smoke
+tests and the Slicer self-test. Their masks and saliency maps mean nothing medically.
 """
 TINY_CLIP_FOLDER_NAME = "tiny-biomedclip"
 TINY_SAM_FILE_NAME = "sam_tiny.pth"

@@ -39,8 +39,10 @@ __all__ = [
     "VolumeResult",
     "ZeroShotConfig",
     "ZeroShotSegmenter",
+    "checked_slice_range",
     "extract_slice",
     "insert_slice",
+    "volume_window",
 ]
 
 logger = logging.getLogger(__name__)
@@ -292,7 +294,26 @@ def _check_volume_axis(volume: np.ndarray, axis: int) -> None:
         raise InvalidInputError(f"axis must be 0, 1 or 2, got {axis!r}.")
 
 
-def _volume_window(volume: np.ndarray) -> tuple[float, float] | None:
+def checked_slice_range(slice_range: tuple[int, int] | None, count: int) -> tuple[int, int]:
+    """Validate a half-open slice range ``(start, stop)`` against `count` slices; None means all slices.
+
+    Raises:
+        InvalidInputError: for a range that is not a pair of integers with ``0 <= start < stop <= count``.
+    """
+    if slice_range is None:
+        return 0, count
+    try:
+        start, stop = (int(value) for value in slice_range)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"slice_range must be a pair (start, stop), got {slice_range!r}.") from None
+    if not 0 <= start < stop <= count:
+        raise InvalidInputError(
+            f"slice_range ({start}, {stop}) must satisfy 0 <= start < stop <= {count} (half-open range)."
+        )
+    return start, stop
+
+
+def volume_window(volume: np.ndarray) -> tuple[float, float] | None:
     """Return the 0.5-99.5 percentile window over the finite voxels, or None when the volume has no contrast."""
     flat = volume.reshape(-1)
     if flat.size > _MAX_WINDOW_SAMPLES:
@@ -542,7 +563,7 @@ class ZeroShotSegmenter:
                 f"slices along axis {axis} of volume {volume.shape} are {slice_shape}: both sides must be at least "
                 f"{MIN_IMAGE_SIDE} pixels; choose another axis."
             )
-        start, stop = self._checked_range(slice_range, volume.shape[axis])
+        start, stop = checked_slice_range(slice_range, volume.shape[axis])
         total_timer = time.perf_counter()
 
         if window is not None:
@@ -550,7 +571,7 @@ class ZeroShotSegmenter:
         elif self.config.window is not None:
             window = self.config.window
         elif volume.dtype != np.uint8:
-            window = _volume_window(volume)
+            window = volume_window(volume)
         window_seconds = time.perf_counter() - total_timer
 
         text_embedding = _saliency.encode_prompt(self.clip, prompt)
@@ -580,20 +601,6 @@ class ZeroShotSegmenter:
         result.timings["window"] = window_seconds
         result.timings["total"] = time.perf_counter() - total_timer
         return result
-
-    @staticmethod
-    def _checked_range(slice_range, count: int) -> tuple[int, int]:
-        if slice_range is None:
-            return 0, count
-        try:
-            start, stop = (int(value) for value in slice_range)
-        except (TypeError, ValueError):
-            raise InvalidInputError(f"slice_range must be a pair (start, stop), got {slice_range!r}.") from None
-        if not 0 <= start < stop <= count:
-            raise InvalidInputError(
-                f"slice_range ({start}, {stop}) must satisfy 0 <= start < stop <= {count} (half-open range)."
-            )
-        return start, stop
 
     def _segment_volume_slice(
         self,

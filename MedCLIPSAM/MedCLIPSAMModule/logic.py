@@ -66,8 +66,8 @@ class SegmenterSettings:
     crfBilateralSrgb: float = 5.0
     presenceThreshold: float | None = None
     precision: str = "float32"
-    """Compute type of the CLIP image tower and SAM's image encoder: "float32", or "bfloat16" (autocast; several
-    times faster on CPUs with AVX512_BF16 or AMX and on GPUs, masks may differ slightly from float32)."""
+    """Compute type of the CLIP image tower and SAM's image encoder: "float32" or "bfloat16". bfloat16 uses autocast
+    and is several times faster on CPUs with AVX512_BF16 or AMX and on GPUs, but masks may differ from float32."""
     weakModelCheckpoint: str = ""
     """Trained weak-supervision network; when set it replaces the zero-shot pipeline."""
 

@@ -1,7 +1,7 @@
 """Entry point of the `medclipsam` command.
 
 Each subcommand lives in its own module of this package and exposes `add_parser(subparsers)`, which
-registers the subcommand and sets `func` on its parser; `func(args)` returns the process exit code.
+registers the subcommand and sets `func` on its parser. `func(args)` returns the process exit code.
 """
 
 from __future__ import annotations
@@ -43,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    if args.verbose == 0:
+        level = logging.WARNING
+    elif args.verbose == 1:
+        level = logging.INFO
+    else:
+        level = logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()

@@ -21,7 +21,7 @@ Files written into ``--output``:
   zero-shot mode.
 
 Exit codes: 0 when every paired image was evaluated. 1 when the models could not be loaded, a prediction could not
-be scored, or any image failed in the pipeline; the other images are still reported, and summary.md lists the
+be scored, or any image failed in the pipeline. The other images are still reported, and summary.md lists the
 failed ones. 2 for invalid arguments (checked before models are loaded) or when no image pairs with a mask.
 """
 

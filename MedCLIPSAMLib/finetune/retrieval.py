@@ -8,8 +8,8 @@ correct match. Accuracies are averaged over the queries of a run, and reported a
 deviation over 5 runs.
 
 A candidate is a correct match when its caption is identical to the query pair's caption. For data with unique
-captions this is the usual "the paired item" rule; when several pairs share one caption (class-level captions),
-those pairs cannot be told apart by their text, so any of them counts.
+captions this is the usual "the paired item" rule. When several pairs share one caption (class-level captions),
+their text cannot distinguish them, so any of them counts.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ writes to the output folder:
 Learning-rate schedule: the MedCLIP-SAM paper gives "1e-6 with 50 % decay". Here that is ``StepLR`` of
 `torch.optim.lr_scheduler` with ``gamma = lr_decay = 0.5``, stepped at the end of every ``lr_decay_epochs = 1``
 epochs, so epoch e (1-based) trains at ``lr * 0.5 ** ((e - 1) // lr_decay_epochs)``. The paper does not name the
-optimizer, so AdamW without weight decay is the default here.
+optimizer, so the default here is AdamW without weight decay.
 
 The batch size is the global batch: with W processes each rank takes ``batch_size / W`` pairs, and the loss of
 every rank uses the negatives of all W ranks (see `MedCLIPSAMLib.finetune.distributed`).

@@ -29,7 +29,6 @@ WEAK_METHOD_NAME = "weak supervision"
 """Method name of the network's rows in evaluation reports."""
 
 _MIN_IMAGE_SIDE = 2  # to_rgb_uint8 needs H, W >= 2
-_MAX_WINDOW_SAMPLES = 1 << 24  # voxels used for a volume's percentile window (regular subsample beyond)
 
 ProgressCallback = Callable[[int, int, str], None]
 CancelCallback = Callable[[], bool]
@@ -177,13 +176,14 @@ class WeakSegmenter:
             VolumeResult with mask (uint8 0/1) and saliency (probability, float32 in [0, 1]) of the volume's
             shape. Constant slices are listed in not_found_slices and left 0; skipped_slices stays empty.
         """
-        from MedCLIPSAMLib.imaging import compute_window, to_rgb_uint8
+        from MedCLIPSAMLib.imaging import to_rgb_uint8
+        from MedCLIPSAMLib.pipeline import checked_slice_range, volume_window
 
         started = time.perf_counter()
         volume = _checked_volume(volume, axis)
-        start, stop = _checked_range(slice_range, volume.shape[axis])
+        start, stop = checked_slice_range(slice_range, volume.shape[axis])
         if window is None and volume.dtype != np.uint8:
-            window = _volume_window(volume, compute_window)
+            window = volume_window(volume)
         window_seconds = time.perf_counter() - started
 
         result = VolumeResult(
@@ -261,35 +261,6 @@ def _checked_volume(volume: np.ndarray, axis: int) -> np.ndarray:
             "side; choose another axis."
         )
     return volume
-
-
-def _checked_range(slice_range: tuple[int, int] | None, count: int) -> tuple[int, int]:
-    if slice_range is None:
-        return 0, count
-    try:
-        start, stop = (int(value) for value in slice_range)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"slice_range must be a pair (start, stop), got {slice_range!r}.") from None
-    if not 0 <= start < stop <= count:
-        raise InvalidInputError(
-            f"slice_range ({start}, {stop}) must satisfy 0 <= start < stop <= {count} (half-open range)."
-        )
-    return start, stop
-
-
-def _volume_window(volume: np.ndarray, compute_window) -> tuple[float, float] | None:
-    """Return the 0.5-99.5 percentile window of the finite voxels, or None for a volume without contrast."""
-    flat = volume.reshape(-1)
-    if flat.size > _MAX_WINDOW_SAMPLES:
-        flat = flat[:: math.ceil(flat.size / _MAX_WINDOW_SAMPLES)]
-    if np.issubdtype(flat.dtype, np.floating):
-        flat = flat[np.isfinite(flat)]
-    if flat.size == 0 or flat.min() == flat.max():
-        return None
-    try:
-        return compute_window(flat)
-    except InvalidInputError:
-        return None
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
