@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 AXIS_CHOICES = ("axial", "coronal", "sagittal")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 SAM_TYPE_CHOICES = ("vit_b", "vit_l", "vit_h", "medsam")
-PRECISION_CHOICES = ("float32", "bfloat16")
+PRECISION_CHOICES = ("auto", "float32", "bfloat16")
 
 # Packages that Slicer itself ships: pip must never replace them while installing our requirements.
 _SLICER_OWNED_PACKAGES = ("numpy", "scipy", "SimpleITK", "requests", "pydicom", "torch", "torchvision")
@@ -183,10 +183,11 @@ def ensureDependencies() -> bool:
 
     constraintsPath = _writeConstraints()
     if not needsTorch and (slicer.app.majorVersion, slicer.app.minorVersion) >= (5, 12):
-        import slicer.packaging
+        # "import slicer.packaging" here would make "slicer" a local name of the whole function.
+        from slicer import packaging as slicerPackaging
 
-        requirements = slicer.packaging.load_requirements(requirementsPath)
-        slicer.packaging.pip_ensure(requirements, constraints=constraintsPath, requester="MedCLIPSAM")
+        requirements = slicerPackaging.load_requirements(requirementsPath)
+        slicerPackaging.pip_ensure(requirements, constraints=constraintsPath, requester="MedCLIPSAM")
         return not _missingRequirements(requirementsPath)
 
     if needsTorch:
@@ -237,7 +238,7 @@ class MedCLIPSAMParameterNode:
     crfBilateralSrgb: Annotated[float, WithinRange(1.0, 255.0)] = 5.0
     presenceThreshold: Annotated[float, WithinRange(0.0, 100.0)] = 0.0
     samType: Annotated[str, Choice(list(SAM_TYPE_CHOICES))] = "vit_b"
-    precision: Annotated[str, Choice(list(PRECISION_CHOICES))] = "float32"
+    precision: Annotated[str, Choice(list(PRECISION_CHOICES))] = "auto"
     clipModelId: str = ""
     samCheckpoint: str = ""
     modelsFolder: str = ""

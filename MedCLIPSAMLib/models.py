@@ -187,6 +187,40 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     )
 
 
+CPU_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")
+"""/proc/cpuinfo flags of x86 CPUs with bfloat16 matrix-product instructions (Intel Cooper Lake and Sapphire Rapids
+onwards, AMD Zen 4 onwards). Without them oneDNN emulates bfloat16, which is slower than float32."""
+
+
+def _cpu_flags() -> set[str]:
+    """Return the feature flags of the first processor in /proc/cpuinfo; empty where that file does not exist."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bfloat16(device: str | torch.device) -> bool:
+    """Return True when `device` computes bfloat16 matrix products in hardware, faster than float32.
+
+    CUDA: compute capability 8.0 or higher (Ampere onwards). CPU: one of `CPU_BFLOAT16_FLAGS` in /proc/cpuinfo,
+    so only Linux on x86 qualifies. Apple MPS: False (not measured).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_capability(index)[0] >= 8
+    if device.type == "cpu":
+        return bool(_cpu_flags() & set(CPU_BFLOAT16_FLAGS))
+    return False
+
+
 def default_models_dir() -> Path:
     """Return the models folder: ``$MEDCLIPSAM_MODELS_DIR`` if set, else ``~/.cache/medclipsam``."""
     configured = os.environ.get(MODELS_DIR_ENV, "").strip()

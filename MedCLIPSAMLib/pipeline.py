@@ -29,6 +29,7 @@ from MedCLIPSAMLib import crf as _crf
 from MedCLIPSAMLib import imaging as _imaging
 from MedCLIPSAMLib import saliency as _saliency
 from MedCLIPSAMLib.errors import InvalidInputError
+from MedCLIPSAMLib.models import native_bfloat16
 from MedCLIPSAMLib.sam import SamBoxSegmenter
 
 __all__ = [
@@ -50,7 +51,8 @@ logger = logging.getLogger(__name__)
 SALIENCY_METHODS = ("gscorecam", "gradcam")
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
-"""Values of `ZeroShotConfig.precision`; "auto" follows the dtype of the CLIP model."""
+"""Values of `ZeroShotConfig.precision`; "auto" is bfloat16 where the hardware computes it natively (see
+`ZeroShotConfig`)."""
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,10 +99,12 @@ class ZeroShotConfig:
             saliency, and the slice is listed in `VolumeResult.skipped_slices`. None segments every slice.
         precision: Compute type of the CLIP image tower and the SAM image encoder, which do almost all of the
             arithmetic. "float32" is exact. "bfloat16" and "float16" use `torch.autocast`: matrix products in that
-            type, weights and normalisations in float32. "auto" takes the dtype of the CLIP model, so a model loaded
-            in bfloat16 makes the whole pipeline run in bfloat16. A CLIP model converted to bfloat16 or float16
-            always computes in its own type. bfloat16 is several times faster on CPUs with bfloat16
-            instructions (AVX512_BF16, AMX) and on GPUs; its effect on the masks is measured in docs/benchmarks.md.
+            type, weights and normalisations in float32. "auto" (the default) is bfloat16 for a float32 CLIP model
+            on a device with native bfloat16 arithmetic (`MedCLIPSAMLib.models.native_bfloat16`: CPUs with
+            AVX512_BF16 or AMX, CUDA GPUs from Ampere on) and float32 elsewhere; a CLIP model converted to another
+            type sets that type. A CLIP model converted to bfloat16 or float16 always computes in its own type.
+            bfloat16 is about twice as fast on such hardware; its effect on saliency and masks is measured in
+            docs/benchmarks.md. Choose "float32" for results that do not depend on the hardware.
     """
 
     saliency: str = "gscorecam"
@@ -401,11 +405,18 @@ class ZeroShotSegmenter:
         self.sam = SamBoxSegmenter(sam_model, encoder_dtype=self.compute_dtype)
 
     def _resolve_precision(self) -> torch.dtype:
-        """Return the compute type selected by `config.precision` ("auto": the CLIP model's dtype)."""
+        """Return the compute type selected by `config.precision` (for "auto" see `ZeroShotConfig.precision`)."""
         if self.config.precision != "auto":
             return _TORCH_DTYPES[self.config.precision]
         clip_dtype = getattr(self.clip, "dtype", torch.float32)
-        return clip_dtype if clip_dtype in _TORCH_DTYPES.values() else torch.float32
+        if clip_dtype != torch.float32:
+            return clip_dtype if clip_dtype in _TORCH_DTYPES.values() else torch.float32
+        device = getattr(self.clip, "device", "cpu")
+        if native_bfloat16(device):
+            logger.info("Computing in bfloat16: device %s has native bfloat16 arithmetic (precision='float32' "
+                        "turns this off).", device)
+            return torch.bfloat16
+        return torch.float32
 
     def _precision_kwargs(self) -> dict:
         """Keyword arguments that make the saliency functions autocast a float32 CLIP model; empty otherwise."""

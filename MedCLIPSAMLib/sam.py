@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from MedCLIPSAMLib.errors import InvalidInputError
+from MedCLIPSAMLib.sam_encoder import encode_image
 
 __all__ = ["SamBoxSegmenter"]
 
@@ -51,6 +52,10 @@ class SamBoxSegmenter:
     model itself is not converted because SAM's positional encodings are float32 buffers that the prompt encoder
     multiplies with float32 coordinates.
 
+    With ``fused_attention=True`` (the default) the image encoder runs through `MedCLIPSAMLib.sam_encoder`, which
+    computes the same attention in cache-sized pieces and leaves the model untouched. False runs segment-anything's
+    own `SamPredictor.set_image`, the reference.
+
     Attributes:
         call_count: Number of `predict_torch` calls made so far.
         embedding_count: Number of image embeddings computed so far.
@@ -62,6 +67,7 @@ class SamBoxSegmenter:
         *,
         max_mask_bytes: int = DEFAULT_MAX_MASK_BYTES,
         encoder_dtype: torch.dtype = torch.float32,
+        fused_attention: bool = True,
     ) -> None:
         """
         Args:
@@ -70,6 +76,8 @@ class SamBoxSegmenter:
                 `DEFAULT_MAX_MASK_BYTES`). Boxes are split into several calls only when one call would exceed it.
             encoder_dtype: Compute type of the image encoder. float32 is exact. bfloat16 and float16 run through
                 `torch.autocast`, which is faster on CPUs with bfloat16 instructions and on GPUs (see the class notes).
+            fused_attention: Compute the image embedding with `MedCLIPSAMLib.sam_encoder.encode_image` (faster, same
+                values up to rounding) instead of segment-anything's own encoder forward.
         """
         from segment_anything import SamPredictor
 
@@ -81,6 +89,7 @@ class SamBoxSegmenter:
             )
         self.model = sam_model
         self.encoder_dtype = encoder_dtype
+        self.fused_attention = bool(fused_attention)
         self.predictor = SamPredictor(sam_model)
         self.max_mask_bytes = int(max_mask_bytes)
         self.call_count = 0
@@ -126,13 +135,28 @@ class SamBoxSegmenter:
             return False
 
         with self._encoder_precision(), torch.inference_mode():
-            self.predictor.set_image(np.ascontiguousarray(rgb), image_format="RGB")
+            if self.fused_attention:
+                self._embed(np.ascontiguousarray(rgb))
+            else:
+                self.predictor.set_image(np.ascontiguousarray(rgb), image_format="RGB")
         # Under autocast the embedding may come out in the reduced type; the decoder runs in float32.
         self.predictor.features = self.predictor.features.float()
         self._image_key = key
         self._image_hw = (int(rgb.shape[0]), int(rgb.shape[1]))
         self.embedding_count += 1
         return True
+
+    def _embed(self, rgb: np.ndarray) -> None:
+        """Do what `SamPredictor.set_image` does, with the image encoder run by `sam_encoder.encode_image`."""
+        predictor = self.predictor
+        image = rgb if self.model.image_format == "RGB" else rgb[..., ::-1]
+        resized = predictor.transform.apply_image(image)
+        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        predictor.reset_image()
+        predictor.original_size = tuple(rgb.shape[:2])
+        predictor.input_size = tuple(tensor.shape[-2:])
+        predictor.features = encode_image(self.model.image_encoder, self.model.preprocess(tensor))
+        predictor.is_image_set = True
 
     def _encoder_precision(self) -> contextlib.AbstractContextManager:
         """Return the autocast context of the image encoder, or a no-op context for float32."""

@@ -15,10 +15,14 @@ What one run measures, side by side on the same machine and image:
 * the matrix-product rate of the machine (``torch.mm``) in float32 and bfloat16;
 * gScoreCAM with one masked forward per call against batched forwards, in float32 and bfloat16;
 * a plain implementation of the 2D pipeline (float32, one masked forward at a time, the prompt encoded per call,
-  and the SAM image embedding computed once per box) against the library's pipeline in float32 and in bfloat16;
+  and segment-anything's SAM image embedding computed once per box) against the library's pipeline in float32 and
+  in bfloat16;
 * the compute floor: the FLOPs of the bfloat16 pipeline (counted with `torch.utils.flop_counter.FlopCounterMode`
   on the real calls) divided by the measured matrix-product rate;
-* fidelity of bfloat16 against float32: Dice of the masks, Pearson correlation of the saliency maps;
+* SAM's image embedding with segment-anything's own encoder forward against the piecewise attention of
+  `MedCLIPSAMLib.sam_encoder`, in float32 and bfloat16;
+* fidelity of bfloat16 against float32 on the sample images: Dice of the masks, Pearson correlation of the
+  saliency maps;
 * a volume of 40 slices, where a presence rule (a CLIP-score threshold) lets 10 slices through, against running
   every slice.
 """
@@ -60,8 +64,15 @@ logger = logging.getLogger("bench_pipeline")
 PROMPT_2D = "breast tumor"
 PROMPT_VOLUME = "brain glioma"
 IMAGE_RELATIVE = Path("breast_ultrasound") / "images" / "benign (101).png"
-FIDELITY_IMAGE_RELATIVE = Path("chest_xray") / "images" / "kjr-21-e25-g001-l-a.jpg"
-FIDELITY_PROMPT = "lung opacity"
+SAMPLE_FOLDER = REPOSITORY_ROOT / "Resources" / "SampleData"
+SAMPLE_IMAGES = (
+    ("breast_ultrasound_benign_101.png", "breast tumor"),
+    ("chest_xray_pneumocystis_cyst.jpg", "lung cyst"),
+    ("brain_mri_13.png", "brain tumor"),
+)
+"""The README's sample images and prompts: the fidelity target is measured on these."""
+EXTRA_FIDELITY_IMAGE = (Path("chest_xray") / "images" / "kjr-21-e25-g001-l-a.jpg", "lung opacity")
+"""A further X-ray from the shared data set (not bundled), reported beside the sample images when present."""
 VOLUME_RELATIVE = Path("volumes") / "pyradiomics_brain1" / "brain1_image.nrrd"
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -131,7 +142,10 @@ def matmul_rate(dtype: torch.dtype, side: int = MM_SIDE, repeats: int = 5) -> fl
 
 
 def pearson(first: np.ndarray, second: np.ndarray) -> float:
-    """Pearson correlation of two maps over all pixels: 1 for two equal constant maps, NaN for one constant map."""
+    """Pearson correlation of two maps over all pixels: 1 for two equal constant maps, NaN for one constant map.
+
+    Two equal constant maps (for example both all zero) count as 1 because the two runs agree exactly.
+    """
     a = np.asarray(first, dtype=np.float64).ravel()
     b = np.asarray(second, dtype=np.float64).ravel()
     if a.std() == 0.0 or b.std() == 0.0:
@@ -252,6 +266,34 @@ def best_batch(rows, dtype_name: str) -> int:
     """Return the batch size with the shortest gScoreCAM time for `dtype_name`."""
     candidates = [(seconds, batch) for name, batch, seconds, _ in rows if name == dtype_name]
     return min(candidates)[1]
+
+
+def sam_embedding_comparison(sam_model, rgb: np.ndarray) -> list[dict]:
+    """Time SAM's image embedding with segment-anything's encoder forward and with the piecewise attention.
+
+    Returns:
+        Rows with the compute type, the implementation, seconds, and the largest absolute difference and the
+        cosine similarity of the embedding against segment-anything's float32 embedding.
+    """
+    rows = []
+    reference = None
+    for dtype in (torch.float32, torch.bfloat16):
+        for fused in (False, True):
+            segmenter = SamBoxSegmenter(sam_model, encoder_dtype=dtype, fused_attention=fused)
+            # Untimed warm-up on another size, so that the timed call does not include kernel creation.
+            segmenter.set_image(np.ascontiguousarray(rgb[:-1]))
+            _, seconds = timed(segmenter.set_image, rgb)
+            features = segmenter.predictor.features.float()
+            if reference is None:
+                reference = features
+            difference = float((features - reference).abs().max())
+            cosine = float(torch.nn.functional.cosine_similarity(features.flatten(), reference.flatten(), dim=0))
+            name = "float32" if dtype == torch.float32 else "bfloat16 autocast"
+            implementation = "piecewise attention (library)" if fused else "segment-anything forward"
+            rows.append({"dtype": name, "implementation": implementation, "seconds": seconds,
+                         "max_difference": difference, "cosine": cosine})
+            print(f"  SAM embedding {name}, {implementation}: {seconds:.2f} s", flush=True)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -386,6 +428,21 @@ def build_report(info: dict, results: dict) -> str:
     )
     sections.append("")
 
+    sam_rows = [
+        [row["dtype"], row["implementation"], seconds_text(row["seconds"]), f"{row['max_difference']:.2g}",
+         f"{row['cosine']:.6f}"]
+        for row in results["sam_embedding"]
+    ]
+    sections.append(
+        "SAM ViT-B image embedding of the 2D image (1024 x 1024 input): segment-anything's own encoder forward "
+        "(the plain run's SAM stage) against the piecewise attention of `MedCLIPSAMLib.sam_encoder` that the "
+        "library uses. Difference and cosine similarity against segment-anything's float32 embedding:"
+    )
+    sections.append("")
+    sections.append(markdown_table(
+        ["compute type", "implementation", "seconds", "largest difference", "cosine similarity"], sam_rows))
+    sections.append("")
+
     plain, fp32, bf16 = results["plain"], results["fp32"], results["bf16"]
     text_once = results["text_once"]
     stage_rows = []
@@ -434,16 +491,18 @@ def build_report(info: dict, results: dict) -> str:
         fidelity_rows.append([
             name, f"{values['saliency_r']:.4f}", f"{values['coarse_dice']:.4f}",
             f"{values['sam_same_boxes_dice']:.4f}", f"{values['mask_dice']:.4f}",
-            f"{values['boxes_fp32']} / {values['boxes_bf16']}",
+            f"{values['boxes_fp32']} / {values['boxes_bf16']}", f"{values['mask_fraction_fp32']:.3f}",
         ])
     sections.append(
-        "Fidelity, bfloat16 autocast pipeline against float32 (random weights). SAM with the same boxes: the float32 "
-        "run's boxes decoded from the float32 and from the bfloat16 image embedding."
+        "Fidelity, bfloat16 autocast pipeline against float32 (random weights) on the sample images of "
+        "Resources/SampleData, and on one more X-ray where the shared data set is present. SAM with the same boxes: "
+        "the float32 run's boxes decoded from the float32 and from the bfloat16 image embedding. Two empty masks "
+        "count as Dice 1 and two equal constant saliency maps as r = 1."
     )
     sections.append("")
     sections.append(markdown_table(
-        ["image", "saliency Pearson r", "coarse mask Dice", "SAM Dice, same boxes", "final mask Dice",
-         "boxes float32 / bfloat16"],
+        ["image, prompt", "saliency Pearson r", "coarse mask Dice", "SAM Dice, same boxes", "final mask Dice",
+         "boxes float32 / bfloat16", "float32 mask fraction"],
         fidelity_rows,
     ))
     sections.append("")
@@ -580,6 +639,7 @@ def main(argv=None) -> int:
     results["flops"] = results["flops_pipeline"] + text_flops
     # Untimed warm-up of SAM's autocast path on another image size.
     SamBoxSegmenter(sam_model, encoder_dtype=torch.bfloat16).set_image(np.ascontiguousarray(rgb[:-1]))
+    results["sam_embedding"] = sam_embedding_comparison(sam_model, rgb)
 
     segmenter_bf16 = ZeroShotSegmenter(clip, sam_model, config_bf16)
     results["bf16"] = segmenter_bf16.segment(image, PROMPT_2D)
@@ -611,17 +671,26 @@ def main(argv=None) -> int:
             "mask_dice": dice(bf16_result.mask, fp32_result.mask),
             "boxes_fp32": len(fp32_result.boxes),
             "boxes_bf16": len(bf16_result.boxes),
+            "mask_fraction_fp32": float(np.mean(fp32_result.mask)),
         }
 
-    add_fidelity(IMAGE_RELATIVE.as_posix(), results["fp32"], results["bf16"], segmenter_fp32.sam, segmenter_bf16.sam)
-    if not args.quick:
-        second = read_image(data / FIDELITY_IMAGE_RELATIVE)
+    # The 2D image above is the first sample image (the same BUSI file), so its runs are reused.
+    first_sample, first_prompt = SAMPLE_IMAGES[0]
+    add_fidelity(f"{first_sample}, \"{first_prompt}\"", results["fp32"], results["bf16"], segmenter_fp32.sam, segmenter_bf16.sam)
+    fidelity_images = [] if args.quick else [
+        (name, SAMPLE_FOLDER / name, prompt) for name, prompt in SAMPLE_IMAGES[1:]
+    ]
+    extra_path = data / EXTRA_FIDELITY_IMAGE[0]
+    if not args.quick and extra_path.is_file():
+        fidelity_images.append((EXTRA_FIDELITY_IMAGE[0].as_posix() + " (extra)", extra_path, EXTRA_FIDELITY_IMAGE[1]))
+    for name, path, prompt in fidelity_images:
+        second = read_image(path)
         second_fp32 = ZeroShotSegmenter(clip, sam_model, config_fp32)
         second_bf16 = ZeroShotSegmenter(clip, sam_model, config_bf16)
         add_fidelity(
-            FIDELITY_IMAGE_RELATIVE.as_posix(),
-            second_fp32.segment(second, FIDELITY_PROMPT),
-            second_bf16.segment(second, FIDELITY_PROMPT),
+            f"{name}, \"{prompt}\"",
+            second_fp32.segment(second, prompt),
+            second_bf16.segment(second, prompt),
             second_fp32.sam,
             second_bf16.sam,
         )

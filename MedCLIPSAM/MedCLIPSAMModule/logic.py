@@ -65,9 +65,10 @@ class SegmenterSettings:
     crfBilateralSxy: float = 60.0
     crfBilateralSrgb: float = 5.0
     presenceThreshold: float | None = None
-    precision: str = "float32"
-    """Compute type of the CLIP image tower and SAM's image encoder: "float32" or "bfloat16". bfloat16 uses autocast
-    and is several times faster on CPUs with AVX512_BF16 or AMX and on GPUs, but masks may differ from float32."""
+    precision: str = "auto"
+    """Compute type of the CLIP image tower and SAM's image encoder: "auto", "float32" or "bfloat16" (see
+    `ZeroShotConfig.precision`). "auto" is bfloat16 where the hardware computes it natively, about twice as fast;
+    bfloat16 masks may differ slightly from float32."""
     weakModelCheckpoint: str = ""
     """Trained weak-supervision network; when set it replaces the zero-shot pipeline."""
 

@@ -70,12 +70,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     models.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
         help=(
             "Compute type of the CLIP image tower and SAM's image encoder. bfloat16 runs their matrix products in "
-            "bfloat16 through autocast (weights, normalisations and SAM's mask decoder stay float32); it is several "
-            "times faster on CPUs with AVX512_BF16 or AMX and on GPUs (default: float32)."
+            "bfloat16 through autocast (weights, normalisations and SAM's mask decoder stay float32), about twice "
+            "as fast on CPUs with AVX512_BF16 or AMX and on GPUs from Ampere on. auto picks bfloat16 on such "
+            "hardware and float32 elsewhere; float32 gives results that do not depend on the hardware "
+            "(default: auto)."
         ),
     )
     models.add_argument(

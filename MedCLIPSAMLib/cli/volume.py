@@ -212,7 +212,9 @@ def _load_segmenter(args: argparse.Namespace, config):
     return ZeroShotSegmenter(clip, sam_model, config)
 
 
-def _report(args, path: Path, prompt: str, result, array_axis: int, outputs: dict[str, Path], config) -> dict:
+def _report(
+    args, path: Path, prompt: str, result, array_axis: int, outputs: dict[str, Path], config, precision: str
+) -> dict:
     from MedCLIPSAMLib import __version__
 
     return {
@@ -229,7 +231,7 @@ def _report(args, path: Path, prompt: str, result, array_axis: int, outputs: dic
         "mask_voxels": int(np.count_nonzero(result.mask)),
         "seconds": {stage: round(float(value), 4) for stage, value in result.timings.items()},
         "clip_model": args.clip,
-        "precision": args.dtype,
+        "precision": precision,
         "sam_type": args.sam_type,
         "parameters": config.to_dict(),
         "version": __version__,
@@ -312,7 +314,8 @@ def run(args: argparse.Namespace) -> int:
             saliency = sitk.GetImageFromArray(np.asarray(result.saliency, dtype=np.float32))
             saliency.CopyInformation(reference)
             sitk.WriteImage(saliency, str(outputs["saliency"]), True)
-            report = _report(args, args.volume, prompt, result, array_axis, outputs, config)
+            precision = str(segmenter.compute_dtype).replace("torch.", "")
+            report = _report(args, args.volume, prompt, result, array_axis, outputs, config, precision)
             outputs["report"].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         except (MedCLIPSAMError, OSError, RuntimeError) as error:
             failures += 1

@@ -18,7 +18,7 @@ def test_settings_set_pipeline_config(scene, tiny_clip_id, tiny_sam_checkpoint):
     logic = MedCLIPSAMLogic(scene)
 
     segmenter = logic.getSegmenter(
-        _settings(tiny_clip_id, tiny_sam_checkpoint, crfTau=1.2, presenceThreshold=3.0)
+        _settings(tiny_clip_id, tiny_sam_checkpoint, crfTau=1.2, presenceThreshold=3.0, precision="float32")
     )
 
     assert segmenter.config.top_k == 4
@@ -27,9 +27,15 @@ def test_settings_set_pipeline_config(scene, tiny_clip_id, tiny_sam_checkpoint):
     assert segmenter.compute_dtype == torch.float32
 
 
+def test_default_precision_is_auto(scene, tiny_clip_id, tiny_sam_checkpoint):
+    segmenter = MedCLIPSAMLogic(scene).getSegmenter(_settings(tiny_clip_id, tiny_sam_checkpoint))
+    assert SegmenterSettings().precision == "auto"
+    assert segmenter.config.precision == "auto"
+
+
 def test_bfloat16_setting_builds_new_segmenter(scene, tiny_clip_id, tiny_sam_checkpoint):
     logic = MedCLIPSAMLogic(scene)
-    first = logic.getSegmenter(_settings(tiny_clip_id, tiny_sam_checkpoint))
+    first = logic.getSegmenter(_settings(tiny_clip_id, tiny_sam_checkpoint, precision="float32"))
 
     fast = logic.getSegmenter(_settings(tiny_clip_id, tiny_sam_checkpoint, precision="bfloat16"))
 

@@ -155,3 +155,25 @@ def test_effect_uses_undo_and_editor_masking():
 
     assert source.index("saveStateForUndo()") < source.index("modifySelectedSegmentByLabelmap(")
     assert "class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect)" in source
+
+
+def _function_tables(table):
+    for child in table.get_children():
+        if child.get_type() == "function":
+            yield child
+        yield from _function_tables(child)
+
+
+@pytest.mark.parametrize("path", [MODULE_FILE, EFFECT_FILE], ids=lambda path: path.name)
+def test_no_function_rebinds_the_slicer_module(path):
+    # "import slicer.packaging" inside a function makes "slicer" local to the whole function, so an earlier
+    # "slicer.app" in that function raises UnboundLocalError; only Slicer itself would show it.
+    import symtable
+
+    table = symtable.symtable(path.read_text(encoding="utf-8"), str(path), "exec")
+    offenders = [
+        function.get_name()
+        for function in _function_tables(table)
+        if "slicer" in function.get_identifiers() and function.lookup("slicer").is_local()
+    ]
+    assert offenders == []

@@ -185,3 +185,17 @@ def test_bfloat16_keeps_float32_weights(shared_data, model_args, tmp_path, capsy
     assert report["parameters"]["precision"] == "bfloat16"
     assert report["skipped_slices"] == [12]
     assert "1 skipped by the presence rule" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, "bfloat16"), (False, "float32")])
+def test_auto_precision_reports_the_type_used(shared_data, model_args, tmp_path, monkeypatch, native, expected):
+    import MedCLIPSAMLib.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "native_bfloat16", lambda device: native)
+    code = main(["segment-volume", str(shared_data / MR_VOLUME), "--prompt", "brain", "--output", str(tmp_path),
+                 "--slice-range", "12", "13", "--presence-threshold", "1000", *model_args])
+
+    assert code == 0
+    report = json.loads((tmp_path / "brain1_image_brain.json").read_text())
+    assert report["precision"] == expected
+    assert report["parameters"]["precision"] == "auto"

@@ -192,7 +192,6 @@ def test_sam_invalid_encoder_dtype_rejected(sam_model):
 @pytest.mark.parametrize(
     ("clip_name", "precision", "expected"),
     [
-        ("float32", "auto", torch.float32),
         ("bfloat16", "auto", torch.bfloat16),
         ("bfloat16", "float32", torch.float32),
         ("float32", "bfloat16", torch.bfloat16),
@@ -202,6 +201,57 @@ def test_config_precision_selects_encoder_dtype(clip_float32, clip_bfloat16, sam
     clip = clip_bfloat16 if clip_name == "bfloat16" else clip_float32
     segmenter = ZeroShotSegmenter(clip, sam_model, ZeroShotConfig(precision=precision))
     assert segmenter.sam.encoder_dtype == expected
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_precision_follows_the_hardware(clip_float32, sam_model, monkeypatch, native, expected):
+    import MedCLIPSAMLib.pipeline as pipeline
+
+    devices = []
+    monkeypatch.setattr(pipeline, "native_bfloat16", lambda device: devices.append(str(device)) or native)
+    segmenter = ZeroShotSegmenter(clip_float32, sam_model, ZeroShotConfig())
+    assert ZeroShotConfig().precision == "auto"
+    assert segmenter.compute_dtype == expected
+    assert segmenter.sam.encoder_dtype == expected
+    assert devices == ["cpu"]
+
+
+def test_float32_precision_ignores_the_hardware(clip_float32, sam_model, monkeypatch):
+    import MedCLIPSAMLib.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "native_bfloat16", lambda device: True)
+    segmenter = ZeroShotSegmenter(clip_float32, sam_model, ZeroShotConfig(precision="float32"))
+    assert segmenter.compute_dtype == torch.float32
+    assert segmenter.sam.encoder_dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [("fpu sse2 avx512f avx512_bf16", True), ("fpu sse2 amx_bf16 amx_tile", True), ("fpu sse2 avx2 avx512f", False)],
+)
+def test_native_bfloat16_reads_cpu_flags(tmp_path, monkeypatch, flags, expected):
+    import MedCLIPSAMLib.models as models
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: {flags}\n\n")
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(cpuinfo if str(path) == "/proc/cpuinfo" else path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    assert models.native_bfloat16("cpu") is expected
+    assert models.native_bfloat16(torch.device("cpu")) is expected
+
+
+def test_native_bfloat16_without_cpuinfo(monkeypatch):
+    import MedCLIPSAMLib.models as models
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("/proc/cpuinfo")
+
+    monkeypatch.setattr("builtins.open", missing)
+    assert models.native_bfloat16("cpu") is False
 
 
 def test_config_rejects_unknown_precision():
@@ -297,3 +347,21 @@ def test_cli_bfloat16_reports_precision(tiny_clip_id, tiny_sam_checkpoint, share
     assert main(argv) == 0
     report = json.loads((tmp_path / "benign (101).json").read_text(encoding="utf-8"))
     assert report["precision"] == "bfloat16"
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, "bfloat16"), (False, "float32")])
+def test_cli_auto_reports_the_precision_it_chose(
+    tiny_clip_id, tiny_sam_checkpoint, shared_data, tmp_path, monkeypatch, native, expected
+):
+    import MedCLIPSAMLib.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "native_bfloat16", lambda device: native)
+    image = shared_data / "breast_ultrasound" / "images" / "benign (101).png"
+    argv = [
+        "segment", str(image), "--prompt", PROMPT, "--output", str(tmp_path), "--top-k", "8",
+        "--clip", tiny_clip_id, "--sam-type", "tiny", "--sam-checkpoint", str(tiny_sam_checkpoint), "--device", "cpu",
+    ]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "benign (101).json").read_text(encoding="utf-8"))
+    assert report["precision"] == expected
+    assert report["clip_dtype"] == "float32"

@@ -44,8 +44,9 @@ def _count_predict_calls(segmenter: SamBoxSegmenter, monkeypatch) -> list[int]:
 
 
 def _count_encoder_forwards(sam_model) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    # The neck closes every embedding, whether the encoder's own forward or sam_encoder.encode_image runs it.
     forwards: list[int] = []
-    handle = sam_model.image_encoder.register_forward_hook(lambda *_: forwards.append(1))
+    handle = sam_model.image_encoder.neck.register_forward_hook(lambda *_: forwards.append(1))
     return forwards, handle
 
 
