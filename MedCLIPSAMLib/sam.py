@@ -52,7 +52,7 @@ class SamBoxSegmenter:
     model itself is not converted because SAM's positional encodings are float32 buffers that the prompt encoder
     multiplies with float32 coordinates.
 
-    With ``fused_attention=True`` (the default) the image encoder runs through `MedCLIPSAMLib.sam_encoder`, which
+    With ``piecewise_attention=True`` (the default) the image encoder runs through `MedCLIPSAMLib.sam_encoder`, which
     computes the same attention in cache-sized pieces and leaves the model untouched. False runs segment-anything's
     own `SamPredictor.set_image`, the reference.
 
@@ -67,7 +67,7 @@ class SamBoxSegmenter:
         *,
         max_mask_bytes: int = DEFAULT_MAX_MASK_BYTES,
         encoder_dtype: torch.dtype = torch.float32,
-        fused_attention: bool = True,
+        piecewise_attention: bool = True,
     ) -> None:
         """
         Args:
@@ -76,7 +76,7 @@ class SamBoxSegmenter:
                 `DEFAULT_MAX_MASK_BYTES`). Boxes are split into several calls only when one call would exceed it.
             encoder_dtype: Compute type of the image encoder. float32 is exact. bfloat16 and float16 run through
                 `torch.autocast`, which is faster on CPUs with bfloat16 instructions and on GPUs (see the class notes).
-            fused_attention: Compute the image embedding with `MedCLIPSAMLib.sam_encoder.encode_image` (faster, same
+            piecewise_attention: Compute the image embedding with `MedCLIPSAMLib.sam_encoder.encode_image` (faster, same
                 values up to rounding) instead of segment-anything's own encoder forward.
         """
         from segment_anything import SamPredictor
@@ -89,7 +89,7 @@ class SamBoxSegmenter:
             )
         self.model = sam_model
         self.encoder_dtype = encoder_dtype
-        self.fused_attention = bool(fused_attention)
+        self.piecewise_attention = bool(piecewise_attention)
         self.predictor = SamPredictor(sam_model)
         self.max_mask_bytes = int(max_mask_bytes)
         self.call_count = 0
@@ -135,7 +135,7 @@ class SamBoxSegmenter:
             return False
 
         with self._encoder_precision(), torch.inference_mode():
-            if self.fused_attention:
+            if self.piecewise_attention:
                 self._embed(np.ascontiguousarray(rgb))
             else:
                 self.predictor.set_image(np.ascontiguousarray(rgb), image_format="RGB")

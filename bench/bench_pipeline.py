@@ -67,7 +67,7 @@ IMAGE_RELATIVE = Path("breast_ultrasound") / "images" / "benign (101).png"
 SAMPLE_FOLDER = REPOSITORY_ROOT / "Resources" / "SampleData"
 SAMPLE_IMAGES = (
     ("breast_ultrasound_benign_101.png", "breast tumor"),
-    ("chest_xray_pneumocystis_cyst.jpg", "lung cyst"),
+    ("chest_xray_pneumocystis_cyst.jpg", "lungs"),
     ("brain_mri_13.png", "brain tumor"),
 )
 """The README's sample images and prompts: the fidelity target is measured on these."""
@@ -278,8 +278,8 @@ def sam_embedding_comparison(sam_model, rgb: np.ndarray) -> list[dict]:
     rows = []
     reference = None
     for dtype in (torch.float32, torch.bfloat16):
-        for fused in (False, True):
-            segmenter = SamBoxSegmenter(sam_model, encoder_dtype=dtype, fused_attention=fused)
+        for piecewise in (False, True):
+            segmenter = SamBoxSegmenter(sam_model, encoder_dtype=dtype, piecewise_attention=piecewise)
             # Untimed warm-up on another size, so that the timed call does not include kernel creation.
             segmenter.set_image(np.ascontiguousarray(rgb[:-1]))
             _, seconds = timed(segmenter.set_image, rgb)
@@ -287,9 +287,10 @@ def sam_embedding_comparison(sam_model, rgb: np.ndarray) -> list[dict]:
             if reference is None:
                 reference = features
             difference = float((features - reference).abs().max())
-            cosine = float(torch.nn.functional.cosine_similarity(features.flatten(), reference.flatten(), dim=0))
+            cosine = float(torch.nn.functional.cosine_similarity(
+                features.double().flatten(), reference.double().flatten(), dim=0))
             name = "float32" if dtype == torch.float32 else "bfloat16 autocast"
-            implementation = "piecewise attention (library)" if fused else "segment-anything forward"
+            implementation = "piecewise attention (library)" if piecewise else "segment-anything forward"
             rows.append({"dtype": name, "implementation": implementation, "seconds": seconds,
                          "max_difference": difference, "cosine": cosine})
             print(f"  SAM embedding {name}, {implementation}: {seconds:.2f} s", flush=True)
@@ -490,7 +491,8 @@ def build_report(info: dict, results: dict) -> str:
     for name, values in results["fidelity"].items():
         fidelity_rows.append([
             name, f"{values['saliency_r']:.4f}", f"{values['coarse_dice']:.4f}",
-            f"{values['sam_same_boxes_dice']:.4f}", f"{values['mask_dice']:.4f}",
+            "no boxes" if np.isnan(values["sam_same_boxes_dice"]) else f"{values['sam_same_boxes_dice']:.4f}",
+            f"{values['mask_dice']:.4f}",
             f"{values['boxes_fp32']} / {values['boxes_bf16']}", f"{values['mask_fraction_fp32']:.3f}",
         ])
     sections.append(

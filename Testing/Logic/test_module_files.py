@@ -166,8 +166,8 @@ def _function_tables(table):
 
 @pytest.mark.parametrize("path", [MODULE_FILE, EFFECT_FILE], ids=lambda path: path.name)
 def test_no_function_rebinds_the_slicer_module(path):
-    # "import slicer.packaging" inside a function makes "slicer" local to the whole function, so an earlier
-    # "slicer.app" in that function raises UnboundLocalError; only Slicer itself would show it.
+    # "import slicer.packaging" inside a function makes "slicer" local to the whole function. An earlier
+    # "slicer.app" in that function then raises UnboundLocalError, which only a running Slicer would show.
     import symtable
 
     table = symtable.symtable(path.read_text(encoding="utf-8"), str(path), "exec")

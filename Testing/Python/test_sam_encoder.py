@@ -114,7 +114,8 @@ def test_model_is_left_unchanged():
     for name, module in encoder.named_modules():
         assert "forward" not in vars(module), name
         assert module.forward.__func__ is forwards[name].__func__, name
-        assert not module._forward_hooks and not module._forward_pre_hooks, name
+        assert not module._forward_hooks, name
+        assert not module._forward_pre_hooks, name
     for name, value in encoder.state_dict().items():
         assert torch.equal(value, state[name]), name
 
@@ -136,26 +137,39 @@ def test_unknown_encoder_layout_runs_its_own_forward():
         norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
     ).eval()
     counting.load_state_dict(encoder.state_dict())
-    assert sam_encoder.supports_fused_attention(encoder)
-    assert not sam_encoder.supports_fused_attention(counting)
-    assert not sam_encoder.supports_fused_attention(torch.nn.Identity())
+    assert sam_encoder.supports_piecewise_attention(encoder)
+    assert not sam_encoder.supports_piecewise_attention(counting)
+    assert not sam_encoder.supports_piecewise_attention(torch.nn.Identity())
     with torch.inference_mode():
         output = sam_encoder.encode_image(counting, _images(count=1))
     assert CountingEncoder.calls == 1
     assert output.shape == (1, 16, 16, 16)
 
 
-def test_fused_false_runs_the_encoders_forward():
+def test_piecewise_false_runs_the_encoders_forward():
     encoder = _encoder()
     calls = []
     handle = encoder.register_forward_hook(lambda *_: calls.append(1))
     try:
         with torch.inference_mode():
-            sam_encoder.encode_image(encoder, _images(count=1), fused=False)
+            sam_encoder.encode_image(encoder, _images(count=1), piecewise=False)
             sam_encoder.encode_image(encoder, _images(count=1))
     finally:
         handle.remove()
     assert calls == [1]
+
+
+def test_other_devices_run_the_encoders_forward():
+    # Only CPU tensors take the piecewise path; the meta device plays the part of a GPU here.
+    encoder = _encoder().to("meta")
+    calls = []
+    handle = encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        output = sam_encoder.encode_image(encoder, torch.empty(1, 3, 256, 256, device="meta"))
+    finally:
+        handle.remove()
+    assert calls == [1]
+    assert output.shape == (1, 16, 16, 16)
 
 
 def test_box_segmenter_embedding_and_masks_match_segment_anything(shared_data):
@@ -168,13 +182,13 @@ def test_box_segmenter_embedding_and_masks_match_segment_anything(shared_data):
             block.attn.rel_pos_w.normal_()
     boxes = np.array([[40, 30, 300, 250], [200, 150, 500, 420]])
 
-    fused = SamBoxSegmenter(sam)
-    reference = SamBoxSegmenter(sam, fused_attention=False)
-    fused.set_image(rgb)
+    piecewise = SamBoxSegmenter(sam)
+    reference = SamBoxSegmenter(sam, piecewise_attention=False)
+    piecewise.set_image(rgb)
     reference.set_image(rgb)
 
-    assert fused.predictor.original_size == reference.predictor.original_size
-    assert fused.predictor.input_size == reference.predictor.input_size
-    assert fused.predictor.features.dtype == torch.float32
-    assert torch.allclose(fused.predictor.features, reference.predictor.features, atol=1e-5, rtol=1e-5)
-    assert dice(fused.segment_boxes(boxes), reference.segment_boxes(boxes)) >= 0.999
+    assert piecewise.predictor.original_size == reference.predictor.original_size
+    assert piecewise.predictor.input_size == reference.predictor.input_size
+    assert piecewise.predictor.features.dtype == torch.float32
+    assert torch.allclose(piecewise.predictor.features, reference.predictor.features, atol=1e-5, rtol=1e-5)
+    assert dice(piecewise.segment_boxes(boxes), reference.segment_boxes(boxes)) >= 0.999
