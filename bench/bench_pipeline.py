@@ -678,7 +678,9 @@ def main(argv=None) -> int:
 
     # The 2D image above is the first sample image (the same BUSI file), so its runs are reused.
     first_sample, first_prompt = SAMPLE_IMAGES[0]
-    add_fidelity(f"{first_sample}, \"{first_prompt}\"", results["fp32"], results["bf16"], segmenter_fp32.sam, segmenter_bf16.sam)
+    add_fidelity(
+        f"{first_sample}, \"{first_prompt}\"", results["fp32"], results["bf16"], segmenter_fp32.sam, segmenter_bf16.sam
+    )
     fidelity_images = [] if args.quick else [
         (name, SAMPLE_FOLDER / name, prompt) for name, prompt in SAMPLE_IMAGES[1:]
     ]
