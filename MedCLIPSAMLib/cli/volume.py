@@ -242,6 +242,7 @@ def _report(
 def run(args: argparse.Namespace) -> int:
     """Run `medclipsam segment-volume` and return the exit code."""
     import SimpleITK as sitk
+    from tqdm import tqdm
 
     from MedCLIPSAMLib.errors import InvalidInputError, MedCLIPSAMError
 
@@ -301,14 +302,21 @@ def run(args: argparse.Namespace) -> int:
             "report": args.output / f"{stem}_{name}.json",
         }
 
-        def progress(done: int, total: int, message: str, prompt=prompt) -> None:
-            print(f"\r{prompt}: {done}/{total} {message}".ljust(60), end="", file=sys.stderr, flush=True)
+        # tqdm redraws one line on a terminal and writes plain lines to a log file.
+        bar = tqdm(desc=prompt, unit="slice", file=sys.stderr)
+
+        def progress(done: int, total: int, message: str, bar=bar) -> None:
+            bar.total = total
+            bar.set_postfix_str(message, refresh=False)
+            bar.update(max(0, done - bar.n))
 
         try:
-            result, array_axis, reference = segment_volume_image(
-                segmenter, image, prompt, axis=args.axis, slice_range=slice_range, progress=progress
-            )
-            print(file=sys.stderr)
+            try:
+                result, array_axis, reference = segment_volume_image(
+                    segmenter, image, prompt, axis=args.axis, slice_range=slice_range, progress=progress
+                )
+            finally:
+                bar.close()
             color = SEGMENT_COLORS[number % len(SEGMENT_COLORS)]
             write_slicer_segmentation(outputs["segmentation"], result.mask, reference, prompt, color)
             saliency = sitk.GetImageFromArray(np.asarray(result.saliency, dtype=np.float32))
@@ -320,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
         except (MedCLIPSAMError, OSError, RuntimeError) as error:
             failures += 1
             logger.debug("Prompt %r failed.", prompt, exc_info=True)
-            print(f"\nmedclipsam segment-volume: {prompt!r} failed: {error}", file=sys.stderr)
+            print(f"medclipsam segment-volume: {prompt!r} failed: {error}", file=sys.stderr)
             continue
         found = len(result.found_slices)
         skipped = len(result.skipped_slices)

@@ -199,3 +199,14 @@ def test_auto_precision_reports_the_type_used(shared_data, model_args, tmp_path,
     report = json.loads((tmp_path / "brain1_image_brain.json").read_text())
     assert report["precision"] == expected
     assert report["parameters"]["precision"] == "auto"
+
+
+def test_progress_bar_counts_slices(shared_data, model_args, tmp_path, capsys):
+    code = main(["segment-volume", str(shared_data / MR_VOLUME), "--prompt", "brain", "--output", str(tmp_path),
+                 "--slice-range", "12", "14", "--presence-threshold", "1000", *model_args])
+
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "brain: 100%" in err
+    assert "2/2" in err
+    assert err.endswith("\n")
