@@ -41,6 +41,8 @@ PARTIAL_POLICIES = (PARTIAL_KEEP, PARTIAL_DISCARD)
 
 # Node attributes that tie a saliency volume to its input and prompt, so a re-run reuses the node.
 _ATTRIBUTE_PROMPT = "MedCLIPSAM.Prompt"
+SEGMENT_TAG_PRECISION = "MedCLIPSAM.Precision"
+"""Segment tag that records the compute type ("float32" or "bfloat16") of the zero-shot run that wrote the segment."""
 _ATTRIBUTE_INPUT = "MedCLIPSAM.InputVolumeID"
 
 SALIENCY_OPACITY = 0.4
@@ -97,6 +99,8 @@ class SegmentationOutcome:
     processedSlices: list[int] = field(default_factory=list)
     cancelled: bool = False
     written: bool = True
+    precision: str | None = None
+    """Compute type of the image encoders ("float32" or "bfloat16"); None for the weak-supervision network."""
 
     def summary(self) -> str:
         """Describe the run in one line for the status bar and the log."""
@@ -109,6 +113,8 @@ class SegmentationOutcome:
             text += f"; skipped (below presence threshold) {_formatRanges(self.skippedSlices)}"
         if self.cancelled:
             text += " (cancelled, partial result kept)"
+        if self.precision is not None:
+            text += f"; computed in {self.precision}"
         return text + "."
 
 
@@ -286,6 +292,9 @@ class MedCLIPSAMLogic(_LogicBase):
             processedSlices=list(result.processed_slices),
             cancelled=bool(result.cancelled),
         )
+        computeType = getattr(segmenter, "compute_dtype", None)
+        if computeType is not None:
+            outcome.precision = str(computeType).replace("torch.", "")
         if result.cancelled and (partialPolicy == PARTIAL_DISCARD or not result.processed_slices):
             outcome.written = False
             logger.info("Segmentation of %r cancelled; nothing written.", prompt)
@@ -312,6 +321,10 @@ class MedCLIPSAMLogic(_LogicBase):
         outcome.segmentationNode = segmentationNode
         outcome.segmentName = segmentName
         outcome.segmentId = mrml.writeSegmentFromMask(segmentationNode, result.mask, ijkToRas, segmentName)
+        if outcome.precision is not None:
+            # Segment tags are saved in .seg.nrrd files, so the compute type stays with the result.
+            segment = segmentationNode.GetSegmentation().GetSegment(outcome.segmentId)
+            segment.SetTag(SEGMENT_TAG_PRECISION, outcome.precision)
 
         if createSaliency:
             saliencyName = f"{segmentName} saliency"
