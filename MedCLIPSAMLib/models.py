@@ -532,10 +532,15 @@ def load_clip(
             except _weights_load_errors() as error:
                 from huggingface_hub import constants
 
+                offline_variable = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+                if constants.HF_HUB_OFFLINE or offline_variable in {"1", "ON", "YES", "TRUE"}:
+                    hub_state = "offline mode is on (HF_HUB_OFFLINE), so the hub was not contacted"
+                else:
+                    hub_state = "the hub could not be reached or refused it"
                 raise WeightsError(
                     f"The CLIP model {canonical} could not be loaded: it is not in the Hugging Face cache "
-                    f"({constants.HF_HUB_CACHE}) and the hub could not be reached or refused it, and no prepared "
-                    f"copy exists at {prepared} ({error}). " + _download_hint(folder_root)
+                    f"({constants.HF_HUB_CACHE}), {hub_state}, and no prepared copy exists at {prepared} "
+                    f"({error}). " + _download_hint(folder_root)
                 ) from error
 
         model = model.to(device=torch_device, dtype=dtype)

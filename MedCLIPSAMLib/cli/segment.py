@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
                 bar.write(f"medclipsam segment: {path}: target not found; wrote an empty mask.", file=sys.stderr)
 
     processed = len(args.images) - failures
-    print(f"{args.prompt}: found in {found_count} of {processed} images -> {args.output}")
+    print(f"{args.prompt}: found in {found_count} of {processed} processed images -> {args.output}")
     if failures:
         print(f"medclipsam segment: {failures} of {len(args.images)} images failed.", file=sys.stderr)
         return EXIT_FAILED

@@ -165,6 +165,7 @@ def test_load_clip_hub_offline_uncached(monkeypatch, tmp_path):
     with pytest.raises(WeightsError) as raised:
         models.load_clip("hf-hub:example-org/not-cached-model", device="cpu", models_dir=tmp_path / "models")
     assert "medclipsam models download" in str(raised.value)
+    assert "offline mode is on (HF_HUB_OFFLINE)" in str(raised.value)
 
 
 def test_load_clip_invalid_dtype(tiny_clip_id):
