@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import slicer
+from MedCLIPSAMLib.cli.volume import PRECISION_TAG
 from MedCLIPSAMLib.errors import InvalidInputError
 from MedCLIPSAMLib.geometry import ANATOMICAL_AXES, anatomical_axis_of_array_axis, slice_axis_for
 
@@ -41,8 +42,9 @@ PARTIAL_POLICIES = (PARTIAL_KEEP, PARTIAL_DISCARD)
 
 # Node attributes that tie a saliency volume to its input and prompt, so a re-run reuses the node.
 _ATTRIBUTE_PROMPT = "MedCLIPSAM.Prompt"
-SEGMENT_TAG_PRECISION = "MedCLIPSAM.Precision"
-"""Segment tag that records the compute type ("float32" or "bfloat16") of the zero-shot run that wrote the segment."""
+SEGMENT_TAG_PRECISION = PRECISION_TAG
+"""Segment tag that records the compute type ("float32" or "bfloat16") of the zero-shot run that wrote the segment,
+the same key that `medclipsam segment-volume` writes into its .seg.nrrd files."""
 _ATTRIBUTE_INPUT = "MedCLIPSAM.InputVolumeID"
 
 SALIENCY_OPACITY = 0.4

@@ -68,8 +68,13 @@ def _input_stem(path: Path) -> str:
     return safe_file_name(name, "volume")
 
 
+PRECISION_TAG = "MedCLIPSAM.Precision"
+"""Segment tag with the compute type ("float32" or "bfloat16") of the run; the Slicer module uses the same key."""
+
+
 def write_slicer_segmentation(path: str | Path, mask: np.ndarray, reference, segment_name: str,
-                              color: tuple[float, float, float] = SEGMENT_COLORS[0]) -> Path:
+                              color: tuple[float, float, float] = SEGMENT_COLORS[0],
+                              tags: dict[str, str] | None = None) -> Path:
     """Write a ``[K, J, I]`` 0/1 mask as a one-segment Slicer segmentation file (.seg.nrrd).
 
     Args:
@@ -78,6 +83,8 @@ def write_slicer_segmentation(path: str | Path, mask: np.ndarray, reference, seg
         reference: SimpleITK image whose origin, spacing and direction (LPS) the file gets.
         segment_name: Segment name shown in Slicer.
         color: Segment colour, RGB in [0, 1].
+        tags: Segment tags that Slicer shows and keeps with the segment. Keys and values must not contain ":"
+            or "|", which separate them in the file.
 
     Returns:
         The written path.
@@ -86,6 +93,12 @@ def write_slicer_segmentation(path: str | Path, mask: np.ndarray, reference, seg
 
     from MedCLIPSAMLib.errors import InvalidInputError
 
+    tags = dict(tags or {})
+    for key, value in tags.items():
+        if any(separator in f"{key}{value}" for separator in ":|"):
+            raise InvalidInputError(
+                f"Invalid segment tag {key!r}: {value!r}: ':' and '|' separate tags in .seg.nrrd files."
+            )
     mask = np.asarray(mask)
     expected = tuple(reversed(reference.GetSize()))
     if mask.shape != expected:
@@ -109,7 +122,7 @@ def write_slicer_segmentation(path: str | Path, mask: np.ndarray, reference, seg
         "Segment0_Layer": "0",
         "Segment0_LabelValue": "1",
         "Segment0_Extent": extent,
-        "Segment0_Tags": "",
+        "Segment0_Tags": "".join(f"{key}:{value}|" for key, value in tags.items()),
         "Segmentation_MasterRepresentation": "Binary labelmap",
         "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
         "Segmentation_ReferenceImageExtentOffset": "0 0 0",
@@ -318,11 +331,13 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 bar.close()
             color = SEGMENT_COLORS[number % len(SEGMENT_COLORS)]
-            write_slicer_segmentation(outputs["segmentation"], result.mask, reference, prompt, color)
+            precision = str(segmenter.compute_dtype).replace("torch.", "")
+            write_slicer_segmentation(
+                outputs["segmentation"], result.mask, reference, prompt, color, tags={PRECISION_TAG: precision}
+            )
             saliency = sitk.GetImageFromArray(np.asarray(result.saliency, dtype=np.float32))
             saliency.CopyInformation(reference)
             sitk.WriteImage(saliency, str(outputs["saliency"]), True)
-            precision = str(segmenter.compute_dtype).replace("torch.", "")
             report = _report(args, args.volume, prompt, result, array_axis, outputs, config, precision)
             outputs["report"].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         except (MedCLIPSAMError, OSError, RuntimeError) as error:

@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from MedCLIPSAMLib.cli import main
+from MedCLIPSAMLib.errors import InvalidInputError
 
 MR_VOLUME = "volumes/pyradiomics_brain1/brain1_image.nrrd"
 CT_SERIES = "dicom_series/totalsegmentator_example_ct_dicom"
@@ -141,6 +142,9 @@ def test_output_loads_in_slicer_segmentation_node(model_args, tmp_path):
     assert segmentation.GetNumberOfSegments() == 1
     segment = segmentation.GetNthSegment(0)
     assert segment.GetName() == "mass"
+    tag = __import__("vtk").reference("")
+    assert segment.GetTag("MedCLIPSAM.Precision", tag)
+    assert str(tag) in ("float32", "bfloat16")
     labelmap = segment.GetRepresentation("Binary labelmap")
     matrix = slicer.vtkMatrix4x4() if hasattr(slicer, "vtkMatrix4x4") else __import__("vtk").vtkMatrix4x4()
     labelmap.GetImageToWorldMatrix(matrix)
@@ -210,3 +214,12 @@ def test_progress_bar_counts_slices(shared_data, model_args, tmp_path, capsys):
     assert "brain: 100%" in err
     assert "2/2" in err
     assert err.endswith("\n")
+
+
+def test_segment_tag_with_separator_rejected(tmp_path):
+    from MedCLIPSAMLib.cli.volume import write_slicer_segmentation
+
+    reference = sitk.Image(4, 3, 2, sitk.sitkUInt8)
+    with pytest.raises(InvalidInputError, match="segment tag"):
+        write_slicer_segmentation(tmp_path / "a.seg.nrrd", np.zeros((2, 3, 4), np.uint8), reference, "a",
+                                  tags={"key": "a|b"})
