@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,14 @@ def _train_rank(rank: int, port: int, images: str, masks: str, output: str, stat
     result = train_module.train_weak(images, masks, output, config)
     state = {key: value.cpu() for key, value in result.model.state_dict().items()}
     torch.save({"state": state, "group_sizes": group_sizes}, Path(states) / f"{rank}.pt")
+    if rank == 0:
+        # Rank 0 hosts the TCPStore here (torchrun hosts it in its agent instead), so rank 0 stays alive until
+        # rank 1 has finished its teardown.
+        # NOTE: rank 1 aborted once in a full-suite run ("terminate called without an active exception") after
+        # training. A store that vanished under it is a guess at the cause, not a confirmed one.
+        deadline = time.monotonic() + 120
+        while not (Path(states) / "1.pt").is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 @pytest.mark.slow
