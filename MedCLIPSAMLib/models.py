@@ -40,12 +40,14 @@ __all__ = [
     "ClipBundle",
     "clear_model_cache",
     "copy_clip_bundle",
+    "cpu_flags",
     "default_models_dir",
     "download_models",
     "download_sam_checkpoint",
     "list_models",
     "load_clip",
     "load_sam",
+    "native_bfloat16",
     "resolve_device",
     "sam_checkpoint_path",
 ]
@@ -192,7 +194,7 @@ CPU_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")
 onwards, AMD Zen 4 onwards). Without them oneDNN emulates bfloat16, which is slower than float32."""
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     """Return the feature flags of the first processor in /proc/cpuinfo; empty where that file does not exist."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
@@ -217,7 +219,7 @@ def native_bfloat16(device: str | torch.device) -> bool:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return torch.cuda.get_device_capability(index)[0] >= 8
     if device.type == "cpu":
-        return bool(_cpu_flags() & set(CPU_BFLOAT16_FLAGS))
+        return bool(cpu_flags() & set(CPU_BFLOAT16_FLAGS))
     return False
 
 

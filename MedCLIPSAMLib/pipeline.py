@@ -101,9 +101,9 @@ class ZeroShotConfig:
             arithmetic. "float32" is exact. "bfloat16" and "float16" use `torch.autocast`: matrix products in that
             type, weights and normalisations in float32. "auto" (the default) is bfloat16 for a float32 CLIP model
             on a device with native bfloat16 arithmetic (`MedCLIPSAMLib.models.native_bfloat16`: CPUs with
-            AVX512_BF16 or AMX, CUDA GPUs from Ampere on) and float32 elsewhere; a CLIP model converted to another
-            type sets that type. A CLIP model converted to bfloat16 or float16 always computes in its own type.
-            bfloat16 is about twice as fast on such hardware; its effect on saliency and masks is measured in
+            AVX512_BF16 or AMX, CUDA GPUs from Ampere on) and float32 elsewhere. A CLIP model converted to
+            bfloat16 or float16 always computes in its own type, and "auto" then selects that type. bfloat16 is
+            about twice as fast on such hardware, and its effect on saliency and masks is measured in
             docs/benchmarks.md. Choose "float32" for results that do not depend on the hardware.
     """
 

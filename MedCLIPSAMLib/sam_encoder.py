@@ -10,9 +10,10 @@ slice of the queries at a time. Each piece of the matrix then stays in the proce
 relative-position terms are added, softmax runs and the product with the values is taken. The scores are added
 and normalised in float32 even when the matrix products run in bfloat16 under autocast.
 
-`torch.nn.functional.scaled_dot_product_attention` does not help here: it accepts the relative-position terms
-only as a full additive mask, or, folded into the query and key as extra columns, it reaches only the CPU flash
-kernel's slower path for head sizes above 64 (measured on this project's benchmark machine).
+`torch.nn.functional.scaled_dot_product_attention` was slower here, in two forms timed on a 2-core AMD EPYC
+virtual machine. With the relative-position terms as a full additive mask it still forms the whole matrix. With
+the terms folded into the query and key as extra columns, the head size grows to 192 and the CPU flash kernel
+takes its slower path.
 
 `encode_image` reads the encoder's own weights and calls its own submodules (patch embedding, norms, linear
 layers, MLPs, neck). It replaces nothing on the model, so every other user of the same model object is
@@ -92,7 +93,8 @@ def _attention(attention: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         table_h = _relative_table(height, attention.rel_pos_h).to(query.dtype)
         table_w = _relative_table(width, attention.rel_pos_w).to(query.dtype)
         grid_query = query.reshape(batch * heads, height, width, head_dim)
-        # rel_h[n, i, j, m] = q[n, i, j] . table_h[i, m] (unscaled query, as in segment-anything); rel_w likewise.
+        # rel_h[n, i, j, m] = q[n, i, j] . table_h[i, m] with the unscaled query, as in segment-anything. rel_w
+        # is the same along the columns.
         rel_h = torch.einsum("nijc,imc->nijm", grid_query, table_h).float().reshape(batch * heads, tokens, height, 1)
         rel_w = torch.einsum("nijc,jmc->nijm", grid_query, table_w).float().reshape(batch * heads, tokens, 1, width)
     scaled_query = query * attention.scale
@@ -103,7 +105,7 @@ def _attention(attention: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     group = max(1, ATTENTION_PIECE_ELEMENTS // per_head)
     rows = tokens if group > 1 else max(1, ATTENTION_PIECE_ELEMENTS // tokens)
     output = torch.empty_like(value)
-    # The operand types are already the compute types; autocast would only add casts (and refuses out=).
+    # The operands already have the compute type, so autocast would only add casts, and it rejects out=.
     with torch.autocast(device_type=x.device.type, enabled=False):
         for first in range(0, batch * heads, group):
             last = min(first + group, batch * heads)

@@ -55,7 +55,7 @@ from MedCLIPSAMLib.boxes import boxes_from_mask  # noqa: E402
 from MedCLIPSAMLib.crf import crf_refine  # noqa: E402
 from MedCLIPSAMLib.io import read_image, read_volume  # noqa: E402
 from MedCLIPSAMLib.metrics import dice  # noqa: E402
-from MedCLIPSAMLib.models import load_clip, load_sam  # noqa: E402
+from MedCLIPSAMLib.models import CPU_BFLOAT16_FLAGS, cpu_flags, load_clip, load_sam  # noqa: E402
 from MedCLIPSAMLib.pipeline import ZeroShotConfig, ZeroShotSegmenter, extract_slice  # noqa: E402
 from MedCLIPSAMLib.sam import SamBoxSegmenter  # noqa: E402
 
@@ -94,17 +94,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def cpu_flags() -> set[str]:
-    """Return the CPU feature flags of the first processor in /proc/cpuinfo (empty off Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def load_average() -> str:
@@ -609,7 +598,7 @@ def main(argv=None) -> int:
         "quick": args.quick,
         "cpu": cpu_model(),
         "cores": len(os.sched_getaffinity(0)),
-        "bf16_flags": ", ".join(sorted(flags & {"avx512_bf16", "amx_bf16"})) or "none found",
+        "bf16_flags": ", ".join(sorted(flags & set(CPU_BFLOAT16_FLAGS))) or "none found",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "load_before": load_average(),

@@ -71,8 +71,8 @@ class SegmenterSettings:
     presenceThreshold: float | None = None
     precision: str = "auto"
     """Compute type of the CLIP image tower and SAM's image encoder: "auto", "float32" or "bfloat16" (see
-    `ZeroShotConfig.precision`). "auto" is bfloat16 where the hardware computes it natively, about twice as fast;
-    bfloat16 masks may differ slightly from float32."""
+    `ZeroShotConfig.precision`). "auto" is bfloat16 where the hardware computes it natively, which is about twice
+    as fast. bfloat16 masks may differ slightly from float32 masks."""
     weakModelCheckpoint: str = ""
     """Trained weak-supervision network; when set it replaces the zero-shot pipeline."""
 

@@ -16,25 +16,22 @@ from MedCLIPSAMLib.sam import SamBoxSegmenter
 from MedCLIPSAMLib.tiny import build_tiny_sam_model
 
 
+def _encoder_settings(*, window_size: int = 4, use_rel_pos: bool = True, img_size: int = 256) -> dict:
+    """Settings of a small `ImageEncoderViT` with one windowed and one global-attention block."""
+    return {
+        "depth": 2, "embed_dim": 32, "img_size": img_size, "mlp_ratio": 2.0,
+        "norm_layer": partial(torch.nn.LayerNorm, eps=1e-6), "num_heads": 2, "patch_size": 16, "qkv_bias": True,
+        "use_rel_pos": use_rel_pos, "global_attn_indexes": (1,), "window_size": window_size, "out_chans": 16,
+    }
+
+
 def _encoder(*, window_size: int = 4, use_rel_pos: bool = True, img_size: int = 256, seed: int = 0):
-    """A small `ImageEncoderViT` with windowed and global blocks and non-zero relative-position tables."""
+    """A small `ImageEncoderViT` with non-zero relative-position tables."""
     from segment_anything.modeling import ImageEncoderViT
 
     torch.manual_seed(seed)
-    encoder = ImageEncoderViT(
-        depth=2,
-        embed_dim=32,
-        img_size=img_size,
-        mlp_ratio=2.0,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        num_heads=2,
-        patch_size=16,
-        qkv_bias=True,
-        use_rel_pos=use_rel_pos,
-        global_attn_indexes=(1,),
-        window_size=window_size,
-        out_chans=16,
-    ).eval()
+    settings = _encoder_settings(window_size=window_size, use_rel_pos=use_rel_pos, img_size=img_size)
+    encoder = ImageEncoderViT(**settings).eval()
     with torch.no_grad():
         for block in encoder.blocks:
             if block.attn.use_rel_pos:
@@ -131,11 +128,7 @@ def test_unknown_encoder_layout_runs_its_own_forward():
             return super().forward(x)
 
     encoder = _encoder()
-    counting = CountingEncoder(
-        depth=2, embed_dim=32, img_size=256, mlp_ratio=2.0, num_heads=2, patch_size=16, qkv_bias=True,
-        use_rel_pos=True, global_attn_indexes=(1,), window_size=4, out_chans=16,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-    ).eval()
+    counting = CountingEncoder(**_encoder_settings()).eval()
     counting.load_state_dict(encoder.state_dict())
     assert sam_encoder.supports_piecewise_attention(encoder)
     assert not sam_encoder.supports_piecewise_attention(counting)
