@@ -21,6 +21,7 @@ What one run measures, side by side on the same machine and image:
   on the real calls) divided by the measured matrix-product rate;
 * SAM's image embedding with segment-anything's own encoder forward against the piecewise attention of
   `MedCLIPSAMLib.sam_encoder`, in float32 and bfloat16;
+* bfloat16 gScoreCAM and SAM's image embedding with one thread against the run's thread count;
 * fidelity of bfloat16 against float32 on the sample images: Dice of the masks, Pearson correlation of the
   saliency maps;
 * a volume of 40 slices, where a presence rule (a CLIP-score threshold) lets 10 slices through, against running
@@ -280,6 +281,35 @@ def sam_embedding_comparison(sam_model, rgb: np.ndarray) -> list[dict]:
     return rows
 
 
+def thread_comparison(clip, sam_model, tensor: torch.Tensor, rgb: np.ndarray, prompt: str, top_k: int,
+                      batch: int, thread_counts: list[int]) -> list[dict]:
+    """Time bfloat16 gScoreCAM (at `batch`) and SAM's bfloat16 image embedding with each torch thread count.
+
+    The kernels for these shapes were created by earlier calls, so no warm-up runs here. The caller's thread count
+    is restored afterwards.
+
+    Returns:
+        Rows with the thread count and the seconds of each stage.
+    """
+    previous = torch.get_num_threads()
+    text = saliency.encode_prompt(clip, prompt)
+    rows = []
+    try:
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            _, gscorecam_seconds = timed(saliency.gscorecam, clip, tensor, text, top_k=top_k, batch_size=batch,
+                                         compute_dtype=torch.bfloat16)
+            # A new segmenter each time, because one that contains this image's embedding returns without computing it.
+            sam = SamBoxSegmenter(sam_model, encoder_dtype=torch.bfloat16)
+            _, sam_seconds = timed(sam.set_image, rgb)
+            rows.append({"threads": threads, "gscorecam": gscorecam_seconds, "sam": sam_seconds})
+            print(f"  {threads} threads: gScoreCAM {gscorecam_seconds:.2f} s, SAM embedding {sam_seconds:.2f} s",
+                  flush=True)
+    finally:
+        torch.set_num_threads(previous)
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Volume
 
@@ -425,6 +455,20 @@ def build_report(info: dict, results: dict) -> str:
     sections.append("")
     sections.append(markdown_table(
         ["compute type", "implementation", "seconds", "largest difference", "cosine similarity"], sam_rows))
+    sections.append("")
+
+    thread_rows = results["threads"]
+    single = thread_rows[0]
+    sections.append(
+        f"Threads: bfloat16 gScoreCAM at the default batch of {results['batch_default']} and SAM's bfloat16 image "
+        "embedding (piecewise attention) with one torch thread and with the run's thread count:"
+    )
+    sections.append("")
+    sections.append(markdown_table(
+        ["threads", "gScoreCAM seconds", "SAM embedding seconds", "speed-up over one thread (sum)"],
+        [[str(row["threads"]), seconds_text(row["gscorecam"]), seconds_text(row["sam"]),
+          f"{(single['gscorecam'] + single['sam']) / (row['gscorecam'] + row['sam']):.2f}"] for row in thread_rows],
+    ))
     sections.append("")
 
     plain, fp32, bf16 = results["plain"], results["fp32"], results["bf16"]
@@ -665,6 +709,10 @@ def main(argv=None) -> int:
     # Untimed warm-up of SAM's autocast path on another image size.
     SamBoxSegmenter(sam_model, encoder_dtype=torch.bfloat16).set_image(np.ascontiguousarray(rgb[:-1]))
     results["sam_embedding"] = sam_embedding_comparison(sam_model, rgb)
+    # One thread against every thread the run uses (--threads, by default every core it may run on).
+    thread_counts = sorted({1, torch.get_num_threads()})
+    results["threads"] = thread_comparison(clip, sam_model, tensor, rgb, PROMPT_2D, args.top_k,
+                                           results["batch_default"], thread_counts)
 
     segmenter_bf16 = ZeroShotSegmenter(clip, sam_model, config_bf16)
     results["bf16"] = segmenter_bf16.segment(image, PROMPT_2D)

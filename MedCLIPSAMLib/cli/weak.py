@@ -141,6 +141,21 @@ def _add_weak_train(subparsers) -> None:
     parser.set_defaults(func=run_weak_train)
 
 
+def _volume_axis(text: str) -> str | int:
+    """Parse weak-predict's --axis: an anatomical plane name, or an array axis 0, 1 or 2."""
+    from MedCLIPSAMLib.geometry import ANATOMICAL_AXES
+
+    value = text.strip().lower()
+    if value in ANATOMICAL_AXES:
+        return value
+    if value in ("0", "1", "2"):
+        return int(value)
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither an anatomical plane ({', '.join(sorted(ANATOMICAL_AXES))}) nor an array axis "
+        "(0, 1 or 2)."
+    )
+
+
 def _add_weak_predict(subparsers) -> None:
     parser = subparsers.add_parser(
         "weak-predict",
@@ -163,7 +178,11 @@ def _add_weak_predict(subparsers) -> None:
         "--probability-format", choices=("nrrd", "png"), default="nrrd",
         help="File type of 2D probability maps (default: nrrd, float32).",
     )
-    parser.add_argument("--axis", type=int, choices=(0, 1, 2), default=0, help="Array axis to slice volumes along.")
+    parser.add_argument(
+        "--axis", type=_volume_axis, default="axial", metavar="{axial,coronal,sagittal,0,1,2}",
+        help="Plane of the slices of a volume: an anatomical plane, cut along the voxel axis closest to its normal "
+        "as in segment-volume (default: axial), or an array axis 0, 1 or 2 of the [K, J, I] voxel array.",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="Slices per forward pass (default: 8).")
     parser.add_argument("--prompt", default="", help="Text stored with the results; the network does not use it.")
     parser.set_defaults(func=run_weak_predict)
@@ -314,7 +333,15 @@ def _predict_volume(segmenter, volume_image, path: Path, args, stem: str, ending
     array = sitk.GetArrayFromImage(volume_image)
     if array.ndim != 3:
         raise ValueError(f"{path}: expected a scalar 3D volume, got array shape {array.shape}.")
-    result = segmenter.segment_volume(array, args.prompt, axis=args.axis)
+    array_axis = args.axis
+    if isinstance(args.axis, str):
+        from MedCLIPSAMLib.geometry import ijk_to_ras_from_itk, slice_axis_for
+
+        ijk_to_ras = ijk_to_ras_from_itk(
+            volume_image.GetOrigin(), volume_image.GetSpacing(), volume_image.GetDirection()
+        )
+        array_axis = slice_axis_for(ijk_to_ras, args.axis, array.shape)
+    result = segmenter.segment_volume(array, args.prompt, axis=array_axis)
     outputs = {}
     for key, values in (("mask", result.mask.astype(np.uint8)), ("probability", result.saliency.astype(np.float32))):
         output_image = sitk.GetImageFromArray(values)
@@ -325,6 +352,7 @@ def _predict_volume(segmenter, volume_image, path: Path, args, stem: str, ending
         "input": str(path),
         "kind": "volume",
         "axis": args.axis,
+        "array_axis": array_axis,
         "found_slices": result.found_slices,
         "outputs": {key: value.name for key, value in outputs.items()},
     }

@@ -475,3 +475,45 @@ def test_cli_train_invalid_arguments(synthetic_pairs, tmp_path):
     code = cli_main(["weak-train", "--images", str(images), "--masks", str(masks), "--output", str(tmp_path / "r"),
                      "--val-fraction", "1.5"])
     assert code == 2
+
+
+def _permuted_volume(path: Path) -> sitk.Image:
+    """Write a volume whose voxel axes run I along S, J along A and K along R (axial slices across I)."""
+    volume = sitk.GetImageFromArray(np.random.default_rng(5).normal(0, 1, (5, 24, 3)).astype(np.float32))
+    volume.SetDirection((0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0))
+    volume.SetSpacing((2.0, 0.8, 0.7))
+    sitk.WriteImage(volume, str(path))
+    return volume
+
+
+@pytest.mark.parametrize("axis, expected_array_axis", [("axial", 2), ("sagittal", 0), ("coronal", 1), ("1", 1)])
+def test_cli_predict_volume_axis(trained_checkpoint, tmp_path, axis, expected_array_axis):
+    volume = _permuted_volume(tmp_path / "permuted.nrrd")
+    output = tmp_path / "out"
+    code = cli_main(["weak-predict", str(tmp_path / "permuted.nrrd"), "--model", str(trained_checkpoint),
+                     "--output", str(output), "--device", "cpu", "--axis", axis])
+    assert code == 0
+    report = json.loads((output / "weak_predict.json").read_text())["results"][0]
+    assert report["array_axis"] == expected_array_axis
+    mask = sitk.ReadImage(str(output / "permuted_mask.nrrd"))
+    assert mask.GetSize() == volume.GetSize()
+    assert mask.GetDirection() == pytest.approx(volume.GetDirection())
+
+
+def test_cli_predict_default_axis_is_axial(trained_checkpoint, tmp_path):
+    _permuted_volume(tmp_path / "permuted.nrrd")
+    code = cli_main(["weak-predict", str(tmp_path / "permuted.nrrd"), "--model", str(trained_checkpoint),
+                     "--output", str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "weak_predict.json").read_text())["results"][0]
+    assert report["axis"] == "axial"
+    assert report["array_axis"] == 2
+
+
+@pytest.mark.parametrize("axis", ["3", "oblique", ""])
+def test_cli_predict_rejects_unknown_axis(tmp_path, capsys, axis):
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(["weak-predict", str(tmp_path / "a.nrrd"), "--model", str(tmp_path / "none.pt"),
+                  "--output", str(tmp_path / "out"), "--axis", axis])
+    assert stopped.value.code == 2
+    assert "anatomical plane" in capsys.readouterr().err
